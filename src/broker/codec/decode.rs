@@ -1,0 +1,13 @@
+//! Decoding (placeholder until the codec lands).
+use super::Packet;
+use bytes::BytesMut;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("packet of {size} bytes exceeds the limit of {max}")]
+    PacketTooLarge { size: usize, max: usize },
+}
+
+pub fn decode(_buf: &mut BytesMut, _max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
+    Ok(None)
+}

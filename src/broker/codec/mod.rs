@@ -1,0 +1,12 @@
+//! The MQTT wire codec: strict decoding of untrusted bytes and encoding of packets.
+//!
+//! Decoding distinguishes *need more bytes* (`Ok(None)`, nothing consumed) from *bad bytes*
+//! (`Err`), and checks the announced packet size against the limit before any allocation.
+
+mod decode;
+mod encode;
+mod packet;
+
+pub use decode::{DecodeError, decode};
+pub use encode::{encode, encode_publish_head};
+pub use packet::*;

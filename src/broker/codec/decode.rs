@@ -11,3 +11,10 @@ pub enum DecodeError {
 pub fn decode(_buf: &mut BytesMut, _max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
     Ok(None)
 }
+
+impl DecodeError {
+    /// The CONNACK return code the spec asks for when this error is in a CONNECT, if any.
+    pub fn connack_code(&self) -> Option<super::ConnectReturnCode> {
+        None
+    }
+}

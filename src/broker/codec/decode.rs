@@ -262,7 +262,10 @@ fn decode_body(header: FixedHeader, body: Bytes) -> Result<Packet, DecodeError> 
             });
         }
     }
-    let mut r = Reader { buf: body, packet: name };
+    let mut r = Reader {
+        buf: body,
+        packet: name,
+    };
     let packet = match packet_type {
         1 => Packet::Connect(decode_connect(&mut r)?),
         2 => Packet::ConnAck(decode_connack(&mut r)?),
@@ -524,6 +527,12 @@ impl Reader {
 impl DecodeError {
     /// The CONNACK return code the spec asks for when this error is in a CONNECT, if any.
     pub fn connack_code(&self) -> Option<super::ConnectReturnCode> {
-        None
+        match self {
+            // [MQTT-3.1.2-2]
+            DecodeError::UnsupportedProtocolLevel(_) => {
+                Some(super::ConnectReturnCode::UnacceptableProtocolVersion)
+            }
+            _ => None,
+        }
     }
 }

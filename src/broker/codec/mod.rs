@@ -7,6 +7,9 @@ mod decode;
 mod encode;
 mod packet;
 
+#[cfg(test)]
+mod oracle_tests;
+
 pub use decode::{DecodeError, decode};
 pub use encode::{MAX_REMAINING_LENGTH, encode, encode_publish_head, encoded_len};
 pub use packet::*;

@@ -135,6 +135,19 @@ pub enum DecodeError {
     NoSubAckReturnCodes,
 }
 
+impl DecodeError {
+    /// The CONNACK return code to send before closing, if the error deserves one: only an
+    /// unsupported protocol level does [MQTT-3.1.2-2]; everything else closes silently.
+    pub fn connack_code(&self) -> Option<ConnectReturnCode> {
+        match self {
+            DecodeError::UnsupportedProtocolLevel(_) => {
+                Some(ConnectReturnCode::UnacceptableProtocolVersion)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The fixed header of a packet whose first bytes have arrived.
 #[derive(Debug, Clone, Copy)]
 struct FixedHeader {
@@ -891,6 +904,19 @@ mod tests {
             decode_err(&mqtt_3),
             DecodeError::UnsupportedProtocolLevel(3)
         );
+    }
+
+    #[test]
+    fn only_an_unsupported_protocol_level_is_answered_with_a_connack() {
+        assert_eq!(
+            DecodeError::UnsupportedProtocolLevel(5).connack_code(),
+            Some(ConnectReturnCode::UnacceptableProtocolVersion)
+        );
+        assert_eq!(
+            DecodeError::UnknownProtocolName("x".into()).connack_code(),
+            None
+        );
+        assert_eq!(DecodeError::ReservedConnectFlag.connack_code(), None);
     }
 
     #[test]

@@ -58,7 +58,7 @@ fn invalid_fixtures_fail_at_the_line_and_key_they_name() {
         let mut key = None;
         for part in expect.split(", ") {
             if let Some(n) = part.strip_prefix("line ") {
-                line = n.parse::<usize>().ok();
+                line = n.parse::<u32>().ok();
             } else if let Some(k) = part.strip_prefix("key ") {
                 key = Some(k.to_string());
             }

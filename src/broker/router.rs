@@ -459,6 +459,9 @@ impl Router {
                     }
                 };
                 if route {
+                    // The decoded payload is a slice of the connection's read buffer; copy it so
+                    // a retained or queued message does not pin a whole read chunk.
+                    let payload = Bytes::copy_from_slice(&payload);
                     self.publish(Arc::new(Message { topic, payload }), qos, retain);
                 }
                 if persistent && qos == QoS::ExactlyOnce {

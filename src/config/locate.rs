@@ -28,7 +28,7 @@ pub fn dotted(path: &[Seg<'_>]) -> String {
 }
 
 /// 1-based line and column of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub fn line_col(text: &str, offset: usize) -> (u32, u32) {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -38,11 +38,14 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
             .rposition(|&b| b == b'\n')
             .map_or(0, |p| p + 1)
         + 1;
-    (line, col)
+    (
+        u32::try_from(line).unwrap_or(u32::MAX),
+        u32::try_from(col).unwrap_or(u32::MAX),
+    )
 }
 
 /// Where `path` is written in `text`: the key itself if present, else the nearest table above.
-pub fn key_position(text: &str, path: &[Seg<'_>]) -> Option<(usize, usize)> {
+pub fn key_position(text: &str, path: &[Seg<'_>]) -> Option<(u32, u32)> {
     let doc = Document::parse(text).ok()?;
     let mut best = None;
     let mut item: Option<&Item> = None;
@@ -88,11 +91,7 @@ fn walk(table: &Table, offset: usize, path: &mut Vec<String>) -> bool {
         let sep = if path.is_empty() { "" } else { "." };
         path.push(format!("{sep}{k}"));
         match item {
-            Item::Table(t) => {
-                if walk(t, offset, path) {
-                    return true;
-                }
-            }
+            Item::Table(t) if walk(t, offset, path) => return true,
             Item::ArrayOfTables(a) => {
                 for (i, t) in a.iter().enumerate() {
                     path.push(format!("[{i}]"));

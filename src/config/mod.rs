@@ -106,8 +106,8 @@ pub mod defaults {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
     /// Dotted key path, e.g. `broker.listener[0].bind`.
     pub key: Option<String>,
     pub message: String,

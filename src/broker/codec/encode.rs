@@ -237,3 +237,234 @@ fn put_remaining_length(out: &mut BytesMut, len: usize) {
         out.put_u8(digit | 0x80);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::broker::codec::{
+        ConnAck, ConnectReturnCode, LastWill, SubAck, Subscribe, Unsubscribe, decode,
+    };
+
+    fn encoded(packet: &Packet) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(packet, &mut out);
+        assert_eq!(out.len(), encoded_len(packet), "encoded_len agrees");
+        out.to_vec()
+    }
+
+    fn publish(qos: QoS, pkid: u16, payload: &'static [u8]) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: "a/b".into(),
+            pkid,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    /// One packet of each of the 14 types, and the variants of CONNECT and PUBLISH.
+    fn samples() -> Vec<Packet> {
+        let connect = Connect {
+            protocol: ProtocolLevel::V311,
+            clean_session: true,
+            keep_alive: 60,
+            client_id: "sensor-1".into(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        vec![
+            Packet::Connect(connect.clone()),
+            Packet::Connect(Connect {
+                protocol: ProtocolLevel::V31,
+                clean_session: false,
+                will: Some(LastWill {
+                    topic: "nodes/1/status".into(),
+                    payload: Bytes::from_static(b"offline"),
+                    qos: QoS::ExactlyOnce,
+                    retain: true,
+                }),
+                username: Some("user".into()),
+                password: Some(Bytes::from_static(b"\x00\xffbinary")),
+                ..connect.clone()
+            }),
+            Packet::Connect(Connect {
+                client_id: String::new(),
+                username: Some(String::new()),
+                password: Some(Bytes::new()),
+                ..connect
+            }),
+            Packet::ConnAck(ConnAck {
+                session_present: true,
+                code: ConnectReturnCode::Accepted,
+            }),
+            Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::NotAuthorized,
+            }),
+            Packet::Publish(publish(QoS::AtMostOnce, 0, b"")),
+            Packet::Publish(Publish {
+                dup: true,
+                retain: true,
+                ..publish(QoS::AtLeastOnce, 1, b"21.5")
+            }),
+            Packet::Publish(publish(QoS::ExactlyOnce, 0xffff, &[0x5a; 300])),
+            Packet::PubAck(1),
+            Packet::PubRec(2),
+            Packet::PubRel(3),
+            Packet::PubComp(4),
+            Packet::Subscribe(Subscribe {
+                pkid: 5,
+                filters: vec![
+                    ("a/+/c".into(), QoS::AtMostOnce),
+                    ("#".into(), QoS::ExactlyOnce),
+                ],
+            }),
+            Packet::SubAck(SubAck {
+                pkid: 5,
+                codes: vec![SubAckCode::Granted(QoS::AtLeastOnce), SubAckCode::Failure],
+            }),
+            Packet::Unsubscribe(Unsubscribe {
+                pkid: 6,
+                filters: vec!["a/+/c".into(), "#".into()],
+            }),
+            Packet::UnsubAck(6),
+            Packet::PingReq,
+            Packet::PingResp,
+            Packet::Disconnect,
+        ]
+    }
+
+    #[test]
+    fn every_packet_type_decodes_to_what_was_encoded() {
+        for packet in samples() {
+            let bytes = encoded(&packet);
+            let mut buf = BytesMut::from(&bytes[..]);
+            assert_eq!(decode(&mut buf, usize::MAX), Ok(Some(packet.clone())));
+            assert!(buf.is_empty(), "{packet:?} left bytes behind");
+        }
+    }
+
+    #[test]
+    fn fixed_size_packets_have_their_spec_bytes() {
+        assert_eq!(encoded(&Packet::PingReq), [0xc0, 0x00]);
+        assert_eq!(encoded(&Packet::PingResp), [0xd0, 0x00]);
+        assert_eq!(encoded(&Packet::Disconnect), [0xe0, 0x00]);
+        assert_eq!(encoded(&Packet::PubAck(10)), [0x40, 0x02, 0x00, 0x0a]);
+        assert_eq!(encoded(&Packet::PubRec(10)), [0x50, 0x02, 0x00, 0x0a]);
+        assert_eq!(encoded(&Packet::PubRel(10)), [0x62, 0x02, 0x00, 0x0a]);
+        assert_eq!(encoded(&Packet::PubComp(10)), [0x70, 0x02, 0x00, 0x0a]);
+        assert_eq!(encoded(&Packet::UnsubAck(10)), [0xb0, 0x02, 0x00, 0x0a]);
+        let connack = ConnAck {
+            session_present: true,
+            code: ConnectReturnCode::Accepted,
+        };
+        assert_eq!(encoded(&Packet::ConnAck(connack)), [0x20, 0x02, 0x01, 0x00]);
+        let refused = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::UnacceptableProtocolVersion,
+        };
+        assert_eq!(encoded(&Packet::ConnAck(refused)), [0x20, 0x02, 0x00, 0x01]);
+    }
+
+    #[test]
+    fn a_connect_has_the_variable_header_of_the_section_3_1_example() {
+        let connect = Connect {
+            protocol: ProtocolLevel::V311,
+            clean_session: true,
+            keep_alive: 10,
+            client_id: "c".into(),
+            will: Some(LastWill {
+                topic: "t".into(),
+                payload: Bytes::from_static(b"m"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            }),
+            username: Some("u".into()),
+            password: Some(Bytes::from_static(b"p")),
+        };
+        let bytes = encoded(&Packet::Connect(connect));
+        assert_eq!(
+            &bytes[..12],
+            [0x10, 25, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xce, 0, 10]
+        );
+        assert_eq!(
+            &bytes[12..],
+            [0, 1, b'c', 0, 1, b't', 0, 1, b'm', 0, 1, b'u', 0, 1, b'p']
+        );
+    }
+
+    #[test]
+    fn an_mqtt_3_1_connect_is_named_mqisdp_level_3() {
+        let connect = Connect {
+            protocol: ProtocolLevel::V31,
+            clean_session: true,
+            keep_alive: 0,
+            client_id: "c".into(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        let bytes = encoded(&Packet::Connect(connect));
+        assert_eq!(&bytes[2..11], [0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3]);
+    }
+
+    #[test]
+    fn a_publish_has_the_bytes_of_the_section_3_3_example() {
+        let packet = Packet::Publish(publish(QoS::AtLeastOnce, 10, b"x"));
+        assert_eq!(
+            encoded(&packet),
+            [0x32, 8, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x0a, b'x']
+        );
+    }
+
+    #[test]
+    fn a_qos_0_publish_carries_no_packet_id() {
+        let packet = Packet::Publish(publish(QoS::AtMostOnce, 0, b"x"));
+        assert_eq!(
+            encoded(&packet),
+            [0x30, 6, 0x00, 0x03, b'a', b'/', b'b', b'x']
+        );
+    }
+
+    #[test]
+    fn publish_head_and_payload_make_the_whole_publish() {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let p = publish(qos, 7, &[1; 200]);
+            let mut head = BytesMut::new();
+            encode_publish_head(&p, &mut head);
+            head.extend_from_slice(&p.payload);
+            assert_eq!(head.to_vec(), encoded(&Packet::Publish(p)));
+        }
+    }
+
+    #[test]
+    fn remaining_length_examples_of_table_2_4_are_written() {
+        let examples: [(usize, &[u8]); 8] = [
+            (0, &[0x00]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (16_383, &[0xff, 0x7f]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (2_097_151, &[0xff, 0xff, 0x7f]),
+            (2_097_152, &[0x80, 0x80, 0x80, 0x01]),
+            (MAX_REMAINING_LENGTH, &[0xff, 0xff, 0xff, 0x7f]),
+        ];
+        for (value, bytes) in examples {
+            let mut out = BytesMut::new();
+            put_remaining_length(&mut out, value);
+            assert_eq!(&out[..], bytes, "{value}");
+            assert_eq!(varint_len(value), bytes.len());
+        }
+    }
+
+    #[test]
+    fn encode_appends_to_what_is_already_there() {
+        let mut out = BytesMut::from(&b"xy"[..]);
+        encode(&Packet::PingReq, &mut out);
+        assert_eq!(&out[..], b"xy\xc0\x00");
+    }
+}

@@ -35,7 +35,10 @@ async fn mqtt_3_1_2_2_protocol_level_5_gets_connack_0x01() {
     };
     let (mut raw, (sp, code)) = Raw::connect_with(b.addr, &c).await;
     assert_eq!(code, 0x01, "unacceptable protocol level");
-    assert!(!sp, "session present must be 0 with a non-zero code [MQTT-3.2.2-4]");
+    assert!(
+        !sp,
+        "session present must be 0 with a non-zero code [MQTT-3.2.2-4]"
+    );
     raw.expect_closed().await; // [MQTT-3.2.2-5]
 }
 
@@ -146,7 +149,10 @@ async fn mqtt_3_2_2_1_clean_session_1_connack_has_session_present_0() {
     assert!(!sp, "no session existed yet [MQTT-3.2.2-3]");
     c.disconnect().await;
     let (_c, sp) = Raw::connect(b.addr, "clean1", true).await;
-    assert!(!sp, "clean session 1 always gets session present 0 [MQTT-3.2.2-1]");
+    assert!(
+        !sp,
+        "clean session 1 always gets session present 0 [MQTT-3.2.2-1]"
+    );
 }
 
 #[tokio::test]
@@ -280,8 +286,14 @@ async fn mqtt_3_1_2_8_will_published_on_abnormal_disconnect_with_its_qos_and_ret
     let m = watcher.recv_publish().await;
     assert_eq!(m.topic, "status/dies");
     assert_eq!(m.payload, b"offline");
-    assert_eq!(m.qos, 1, "the will keeps its QoS (min with the subscription)");
-    assert!(!m.retain, "to an existing subscriber RETAIN is 0 [MQTT-3.3.1-9]");
+    assert_eq!(
+        m.qos, 1,
+        "the will keeps its QoS (min with the subscription)"
+    );
+    assert!(
+        !m.retain,
+        "to an existing subscriber RETAIN is 0 [MQTT-3.3.1-9]"
+    );
     watcher.ack_publish(&m).await;
 
     // Will retain = 1: a later subscriber gets it as a retained message [MQTT-3.1.2-17].
@@ -310,7 +322,10 @@ async fn mqtt_3_1_2_10_will_not_published_after_disconnect() {
     let (mut again, _) = Raw::connect(b.addr, "polite", true).await;
     again.publish_acked("marker", b"m", 1, 1).await;
     let before = watcher.publishes_until("marker").await;
-    assert!(before.is_empty(), "will published after DISCONNECT: {before:?}");
+    assert!(
+        before.is_empty(),
+        "will published after DISCONNECT: {before:?}"
+    );
 }
 
 #[tokio::test]
@@ -358,13 +373,20 @@ async fn mqtt_3_1_mosquitto_clients_speaking_mqttv31_exchange_messages() {
     )
     .await;
     let m = sub.next().await;
-    assert_eq!((m.topic.as_str(), m.payload.as_str(), m.qos), ("v31/a", "from 3.1", 2));
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_str(), m.qos),
+        ("v31/a", "from 3.1", 2)
+    );
 }
 
 #[tokio::test]
 async fn mqtt_3_1_and_3_1_1_clients_interoperate() {
     let b = TestBroker::start().await;
     let mut sub = MosqSub::spawn(b.addr, &["-V", "mqttv311", "-t", "mix", "-q", "1"]).await;
-    mosquitto_pub(b.addr, &["-V", "mqttv31", "-t", "mix", "-m", "a", "-q", "1"]).await;
+    mosquitto_pub(
+        b.addr,
+        &["-V", "mqttv31", "-t", "mix", "-m", "a", "-q", "1"],
+    )
+    .await;
     assert_eq!(sub.next().await.payload, "a");
 }

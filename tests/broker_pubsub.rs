@@ -39,7 +39,8 @@ async fn mqtt_2_2_1_all_fourteen_packet_types_round_trip() {
 async fn mqtt_4_7_1_2_multi_level_wildcard_matches_parent_and_children() {
     let b = TestBroker::start().await;
     let (mut c, _) = Raw::connect(b.addr, "hash", true).await;
-    c.subscribe(1, &[("sport/tennis/#", 0), ("marker", 0)]).await;
+    c.subscribe(1, &[("sport/tennis/#", 0), ("marker", 0)])
+        .await;
     for t in [
         "sport/tennis",
         "sport/tennis/player1",
@@ -70,7 +71,8 @@ async fn mqtt_4_7_1_2_multi_level_wildcard_matches_parent_and_children() {
 #[tokio::test]
 async fn mqtt_4_7_1_3_single_level_wildcard_matches_one_level() {
     let b = TestBroker::start().await;
-    let mut sub = MosqSub::spawn(b.addr, &["-t", "sensors/+/temp", "-t", "+", "-t", "marker"]).await;
+    let mut sub =
+        MosqSub::spawn(b.addr, &["-t", "sensors/+/temp", "-t", "+", "-t", "marker"]).await;
     for t in [
         "sensors/kitchen/temp",
         "sensors/kitchen/hall/temp",
@@ -141,9 +143,18 @@ async fn mqtt_3_9_3_granted_qos_is_the_requested_qos_up_to_the_maximum() {
     let b = TestBroker::start().await;
     let mut rq = Rumq::connect(b.addr, "granted").await;
     use rumqttc::SubscribeReasonCode::Success;
-    assert_eq!(rq.subscribe("g/0", QoS::AtMostOnce).await, [Success(QoS::AtMostOnce)]);
-    assert_eq!(rq.subscribe("g/1", QoS::AtLeastOnce).await, [Success(QoS::AtLeastOnce)]);
-    assert_eq!(rq.subscribe("g/2", QoS::ExactlyOnce).await, [Success(QoS::ExactlyOnce)]);
+    assert_eq!(
+        rq.subscribe("g/0", QoS::AtMostOnce).await,
+        [Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        rq.subscribe("g/1", QoS::AtLeastOnce).await,
+        [Success(QoS::AtLeastOnce)]
+    );
+    assert_eq!(
+        rq.subscribe("g/2", QoS::ExactlyOnce).await,
+        [Success(QoS::ExactlyOnce)]
+    );
 }
 
 #[tokio::test]
@@ -246,14 +257,24 @@ async fn mqtt_4_3_2_qos1_both_directions() {
     let (mut publ, _) = Raw::connect(b.addr, "q1-pub", true).await;
     publ.publish("q1/t", b"at least once", 1, false, 4242).await;
     let ack = publ.recv_kind(wire::PUBACK).await;
-    assert_eq!(ack.pid(), 4242, "PUBACK carries the PUBLISH packet id [MQTT-4.3.2-2]");
+    assert_eq!(
+        ack.pid(),
+        4242,
+        "PUBACK carries the PUBLISH packet id [MQTT-4.3.2-2]"
+    );
 
     let m = sub.recv_publish().await;
     assert_eq!(m.qos, 1);
-    assert_ne!(m.pid, 0, "a QoS 1 PUBLISH has a non-zero packet id [MQTT-2.3.1-1]");
+    assert_ne!(
+        m.pid, 0,
+        "a QoS 1 PUBLISH has a non-zero packet id [MQTT-2.3.1-1]"
+    );
     assert!(!m.dup, "first delivery has DUP 0 [MQTT-3.3.1-2]");
     sub.send(&wire::ack(wire::PUBACK, m.pid)).await;
-    assert!(sub.ping_barrier().await.is_empty(), "no redelivery after PUBACK");
+    assert!(
+        sub.ping_barrier().await.is_empty(),
+        "no redelivery after PUBACK"
+    );
 }
 
 #[tokio::test]
@@ -370,7 +391,7 @@ async fn mqtt_4_6_0_6_qos1_messages_keep_their_order() {
     let b = TestBroker::start().await;
     let mut sub = Rumq::connect(b.addr, "order-sub").await;
     sub.subscribe("ord/t", QoS::AtLeastOnce).await;
-    let mut publ = Rumq::connect(b.addr, "order-pub").await;
+    let publ = Rumq::connect(b.addr, "order-pub").await;
     for i in 0..200u32 {
         publ.client
             .publish("ord/t", QoS::AtLeastOnce, false, i.to_string())
@@ -397,7 +418,10 @@ async fn mqtt_4_6_0_inflight_window_is_max_inflight() {
         got.push(sub.recv_publish().await);
     }
     let more = sub.ping_barrier().await;
-    assert!(more.is_empty(), "more than 5 unacknowledged in flight: {more:?}");
+    assert!(
+        more.is_empty(),
+        "more than 5 unacknowledged in flight: {more:?}"
+    );
     // Each PUBACK opens the window by one, in order.
     let mut next = 5u16;
     while let Some(m) = got.first().cloned() {
@@ -410,7 +434,10 @@ async fn mqtt_4_6_0_inflight_window_is_max_inflight() {
             next += 1;
         }
         let more = sub.ping_barrier().await;
-        assert!(more.is_empty(), "window exceeded after {next} sent: {more:?}");
+        assert!(
+            more.is_empty(),
+            "window exceeded after {next} sent: {more:?}"
+        );
     }
     assert_eq!(next, 12);
 }
@@ -422,6 +449,11 @@ async fn mqtt_3_3_2_topic_names_are_case_sensitive_and_may_contain_spaces() {
     mosquitto_pub(b.addr, &["-t", "room 1/temp", "-m", "lower"]).await;
     mosquitto_pub(b.addr, &["-t", "Room 1/temp", "-m", "upper"]).await;
     mosquitto_pub(b.addr, &["-t", "marker", "-m", ""]).await;
-    let got: Vec<String> = sub.until("marker").await.into_iter().map(|m| m.payload).collect();
+    let got: Vec<String> = sub
+        .until("marker")
+        .await
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
     assert_eq!(got, ["upper"]);
 }

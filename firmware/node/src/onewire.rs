@@ -20,9 +20,13 @@ impl OneWire {
         OneWire { pin }
     }
 
-    /// Sends a reset pulse; `true` if a device answers with a presence pulse.
+    /// Sends a reset pulse; `true` if a device answers with a presence pulse. A bus that is
+    /// low before the pulse (no pull-up, short circuit) has no working device.
     pub fn reset(&mut self) -> bool {
         critical_section::with(|_| {
+            if self.pin.is_low() {
+                return false;
+            }
             self.pin.set_as_output();
             us(480);
             self.pin.set_as_input();

@@ -13,7 +13,7 @@ pub const CONVERSION_MS: u64 = 750;
 pub enum ScratchpadError {
     /// CRC mismatch: a bus error or a missing pull-up.
     Crc,
-    /// All ones: no device answered.
+    /// All ones (no device answered) or all zeros (bus held low): no working device.
     NoDevice,
 }
 
@@ -36,7 +36,7 @@ pub fn crc8(bytes: &[u8]) -> u8 {
 
 /// The temperature in hundredths of a degree from a 9-byte scratchpad (12-bit resolution).
 pub fn temperature_centi(scratchpad: &[u8; 9]) -> Result<i32, ScratchpadError> {
-    if scratchpad.iter().all(|&b| b == 0xFF) {
+    if scratchpad.iter().all(|&b| b == 0xFF) || scratchpad.iter().all(|&b| b == 0) {
         return Err(ScratchpadError::NoDevice);
     }
     if crc8(&scratchpad[..8]) != scratchpad[8] {

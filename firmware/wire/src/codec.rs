@@ -290,3 +290,44 @@ pub(crate) fn cobs_decode_in_place(buf: &mut [u8]) -> Option<usize> {
     }
     Some(write)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(src: &[u8]) -> usize {
+        let mut enc = [0u8; 600];
+        let n = cobs_encode(src, &mut enc).unwrap();
+        assert!(!enc[..n].contains(&0));
+        assert!(n <= src.len() + src.len() / 254 + 1);
+        let len = cobs_decode_in_place(&mut enc[..n]).unwrap();
+        assert_eq!(&enc[..len], src);
+        n
+    }
+
+    #[test]
+    fn cobs_round_trips_zeros_and_long_runs() {
+        assert_eq!(round_trip(&[]), 1);
+        assert_eq!(round_trip(&[0]), 2);
+        assert_eq!(round_trip(&[0, 0, 1, 0]), 5);
+        let long: [u8; 520] = core::array::from_fn(|i| (i % 255) as u8 + 1);
+        round_trip(&long[..253]);
+        round_trip(&long[..254]);
+        round_trip(&long[..255]);
+        round_trip(&long);
+    }
+
+    #[test]
+    fn cobs_encode_refuses_a_short_buffer() {
+        let mut enc = [0u8; 4];
+        assert_eq!(cobs_encode(&[1, 2, 3, 4], &mut enc), None);
+        assert_eq!(cobs_encode(&[1, 2, 3], &mut enc), Some(4));
+    }
+
+    #[test]
+    fn cobs_decode_rejects_overlong_codes_and_zeros() {
+        assert_eq!(cobs_decode_in_place(&mut [3, 1]), None);
+        assert_eq!(cobs_decode_in_place(&mut [3, 0, 1]), None);
+        assert_eq!(cobs_decode_in_place(&mut [0]), None);
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the node firmware images (release) and prepares the rp2040js emulator harness.
+# Installs what is missing: the thumbv6m-none-eabi target (rustup) and the harness's npm
+# packages (npm ci). Images land in firmware/node/target/images/:
+#   sensorgate-node-uart.elf  frames over UART0, node id from the flash unique id (hardware)
+#   sensorgate-node-usb.elf   frames over USB CDC-ACM, node id from the flash unique id (hardware)
+#   sensorgate-node-emu.elf   UART0, node id 0x00C0FFEE (the emulator cannot read a flash id)
+#   *.uf2                     for BOOTSEL drag-and-drop, when elf2uf2-rs is installed
+# Environment: SENSORGATE_INTERVAL_S (reading interval, default 60) applies to every image;
+# SENSORGATE_NODE_ID, if set, to the hardware images too.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+node_dir="$here/node"
+images="$node_dir/target/images"
+emu_node_id=0x00C0FFEE
+
+cd "$node_dir"   # so rust-toolchain.toml applies
+if ! rustup target list --installed | grep -qx thumbv6m-none-eabi; then
+  echo "==> rustup target add thumbv6m-none-eabi"
+  rustup target add thumbv6m-none-eabi
+fi
+if command -v npm >/dev/null 2>&1; then
+  echo "==> npm ci (firmware/harness)"
+  (cd "$here/harness" && npm ci --no-audit --no-fund --loglevel=error)
+else
+  echo "warning: npm not found; the emulator harness is not installed" >&2
+fi
+
+mkdir -p "$images"
+build() { # name, cargo args...
+  local name="$1"; shift
+  local start=$SECONDS
+  echo "==> cargo build --release $* ($name)"
+  cargo build --release --quiet "$@"
+  cp "${CARGO_TARGET_DIR:-$node_dir/target}/thumbv6m-none-eabi/release/sensorgate-node" \
+    "$images/sensorgate-node-$name.elf"
+  echo "    built in $((SECONDS - start)) s"
+}
+build uart
+build usb --no-default-features --features transport-usb
+# Its own target dir: a different node id would otherwise rebuild the hardware images each time.
+SENSORGATE_NODE_ID=$emu_node_id CARGO_TARGET_DIR="$node_dir/target/emu" build emu
+
+# Flash = what is programmed (boot2, vectors, code, read-only data, .data initialisers);
+# static RAM = .data + .bss + .uninit (the stack takes the rest of the 264 KiB).
+if command -v arm-none-eabi-size >/dev/null 2>&1; then size_tool=arm-none-eabi-size; else size_tool=size; fi
+echo "==> sizes ($size_tool -A)"
+for f in "$images"/*.elf; do
+  "$size_tool" -A "$f" | awk -v name="$(basename "$f")" '
+    $1 ~ /^\.(boot2|vector_table|text|rodata)$/ { flash += $2 }
+    $1 == ".data" { flash += $2; ram += $2 }
+    $1 ~ /^\.(bss|uninit)$/ { ram += $2 }
+    END { printf "    %-28s flash %6d B (%.1f KiB)   static RAM %6d B (%.1f KiB)\n", name, flash, flash/1024, ram, ram/1024 }'
+done
+
+if command -v elf2uf2-rs >/dev/null 2>&1; then
+  echo "==> elf2uf2-rs"
+  for name in uart usb; do
+    elf2uf2-rs "$images/sensorgate-node-$name.elf" "$images/sensorgate-node-$name.uf2"
+  done
+  ls -l "$images"/*.uf2 | awk '{ print "    " $NF ": " $5 " B" }'
+else
+  echo "    (no UF2: install elf2uf2-rs with 'cargo install elf2uf2-rs --no-default-features')"
+fi

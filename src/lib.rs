@@ -4,9 +4,19 @@
 //! `ingest` (ports, framing) → `decode` → `map` → [`broker`] → `outbox` → `uplink`.
 //! [`run`] wires the stages together; `main.rs` only parses the command line.
 
-pub mod broker;
 pub mod config;
+
+pub mod ingest;
+
 pub mod decode;
+
+pub mod registry;
+
+pub mod map;
+
+pub mod broker;
+
+mod pipeline;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,6 +44,10 @@ pub enum Error {
 /// A running gateway, as returned by [`start`]: its addresses and a handle to stop it.
 pub struct Gateway {
     broker: broker::Broker,
+    ports: Vec<ingest::Port>,
+    stop_ports: tokio::sync::watch::Sender<bool>,
+    pipeline: tokio::task::JoinHandle<()>,
+    mapping: tokio::sync::watch::Sender<std::sync::Arc<map::Mapping>>,
 }
 
 impl Gateway {
@@ -47,8 +61,27 @@ impl Gateway {
         self.broker.handle()
     }
 
-    /// Stops sources first, then drains and saves state.
+    /// Counters of each serial port, by name.
+    pub fn port_stats(&self) -> Vec<(String, std::sync::Arc<ingest::PortStats>)> {
+        self.ports
+            .iter()
+            .map(|p| (p.config.name.clone(), p.stats.clone()))
+            .collect()
+    }
+
+    /// Replaces the mapping rules while running.
+    pub fn set_mapping(&self, mapping: map::Mapping) {
+        let _ = self.mapping.send(std::sync::Arc::new(mapping));
+    }
+
+    /// Stops sources first (ports), lets the pipeline drain, then stops the broker, which
+    /// saves its state.
     pub async fn shutdown(self) {
+        let _ = self.stop_ports.send(true);
+        for port in self.ports {
+            port.join().await;
+        }
+        let _ = self.pipeline.await;
         self.broker.shutdown().await;
     }
 }
@@ -60,7 +93,43 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         source,
     })?;
     let broker = broker::Broker::start(&config).await?;
-    Ok(Gateway { broker })
+
+    // ingest → decode (in each port task) → pipeline: dedupe, registry, map → broker
+    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(ingest::INBOUND_QUEUE);
+    let (stop_ports, stop_rx) = tokio::sync::watch::channel(false);
+    let ports: Vec<ingest::Port> = config
+        .ports
+        .iter()
+        .map(|p| ingest::Port::spawn(p.clone(), inbound_tx.clone(), stop_rx.clone()))
+        .collect();
+    drop(inbound_tx);
+    let mapping = std::sync::Arc::new(config.mapping.clone());
+    let (mapping_tx, mapping_rx) = tokio::sync::watch::channel(mapping.clone());
+    let persist = config.broker.persistence;
+    let pipeline = pipeline::Pipeline {
+        mapping,
+        registry: if persist {
+            registry::Registry::load(&config.data_dir)
+        } else {
+            registry::Registry::default()
+        },
+        broker: broker.handle(),
+        data_dir: config.data_dir.clone(),
+        persist,
+        ports: ports
+            .iter()
+            .map(|p| (p.config.name.clone(), p.stats.clone()))
+            .collect(),
+        status_interval: config.broker.sys_interval,
+    };
+    let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx));
+    Ok(Gateway {
+        broker,
+        ports,
+        stop_ports,
+        pipeline,
+        mapping: mapping_tx,
+    })
 }
 
 /// Runs the gateway until `shutdown` completes, then stops it cleanly.

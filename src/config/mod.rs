@@ -13,6 +13,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::broker::codec::QoS;
+use crate::decode::{NodeSource, Protocol};
+use crate::map::{
+    DEFAULT_TOPIC, Mapping, NodeMeta, Output, PayloadFormat, Rule, Selector, Template, Transform,
+};
+
 pub use duration::parse_duration;
 
 /// The raw file, as serde reads it. Validation turns it into a [`ValidConfig`].
@@ -27,6 +33,92 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub broker: RawBroker,
+    /// Serial ports to read, one `[[port]]` table each.
+    #[serde(default)]
+    pub port: Vec<RawPort>,
+    /// Node metadata, one `[[node]]` table each.
+    #[serde(default)]
+    pub node: Vec<RawNode>,
+    #[serde(default)]
+    pub mapping: RawMapping,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawPort {
+    pub name: Option<String>,
+    pub path: PathBuf,
+    pub baud: Option<u32>,
+    pub protocol: Option<Protocol>,
+    /// `lines` only: every line comes from this node.
+    pub node: Option<IdValue>,
+    /// `lines` only: the key whose value names the node (default `node`).
+    pub node_key: Option<String>,
+}
+
+/// A node id as users write it: `17` or `"kitchen"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum IdValue {
+    Number(u64),
+    Text(String),
+}
+
+impl IdValue {
+    pub fn as_id(&self) -> String {
+        match self {
+            IdValue::Number(n) => n.to_string(),
+            IdValue::Text(s) => s.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawNode {
+    pub id: IdValue,
+    pub name: Option<String>,
+    pub room: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawMapping {
+    /// Topic for readings no rule selects.
+    pub default_topic: Option<String>,
+    /// `publish` (default) or `drop` readings no rule selects.
+    pub unmapped: Option<Unmapped>,
+    pub payload: Option<PayloadFormat>,
+    pub qos: Option<u8>,
+    pub retain: Option<bool>,
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmapped {
+    Publish,
+    Drop,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawRule {
+    pub port: Option<String>,
+    pub node: Option<IdValue>,
+    pub channel: Option<u16>,
+    pub quantity: Option<String>,
+    /// Topic template; required unless `drop = true`.
+    pub topic: Option<String>,
+    #[serde(default)]
+    pub drop: bool,
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    pub decimals: Option<u8>,
+    pub payload: Option<PayloadFormat>,
+    pub qos: Option<u8>,
+    pub retain: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +160,20 @@ pub struct ValidConfig {
     pub data_dir: PathBuf,
     pub log_level: Option<String>,
     pub broker: BrokerConfig,
+    pub ports: Vec<PortConfig>,
+    pub mapping: Mapping,
+}
+
+/// One serial port to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Used in topics (`{port}`), counters and logs.
+    pub name: String,
+    pub path: PathBuf,
+    pub baud: u32,
+    pub protocol: Protocol,
+    /// `lines` only: where the node id comes from.
+    pub node_source: NodeSource,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +206,8 @@ pub mod defaults {
     pub const SYS_INTERVAL: &str = "10s";
     pub const SNAPSHOT_INTERVAL: &str = "30s";
     pub const DATA_DIR: &str = "./sensorgate-data";
+    pub const BAUD: u32 = 115_200;
+    pub const NODE_KEY: &str = "node";
 }
 
 /// A configuration error, located in its file.
@@ -307,8 +415,13 @@ impl Validator<'_> {
             &[Key("broker"), Key("snapshot-interval")],
         )?;
 
+        let ports = self.ports(&raw.port)?;
+        let mapping = self.mapping(&gateway_id, &raw.node, &raw.mapping, &ports)?;
+
         Ok(ValidConfig {
             source,
+            ports,
+            mapping,
             gateway_id,
             data_dir,
             log_level: raw.log.level,
@@ -325,6 +438,229 @@ impl Validator<'_> {
                 persistence: b.persistence.unwrap_or(true),
                 snapshot_interval,
             },
+        })
+    }
+}
+
+impl Validator<'_> {
+    fn ports(&self, raw: &[RawPort]) -> Result<Vec<PortConfig>, ConfigError> {
+        use locate::Seg::{Index, Key};
+        let mut ports: Vec<PortConfig> = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let at = |k: &'static str| [Key("port"), Index(i), Key(k)];
+            let name = match &p.name {
+                Some(n) => n.clone(),
+                None => p
+                    .path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("port{i}")),
+            };
+            if name.is_empty() || name.contains(['/', '+', '#']) {
+                return Err(self.error(
+                    &at("name"),
+                    format!("`{name}` cannot be a port name"),
+                    "port names appear in topics: use letters, digits, '-' or '_'",
+                ));
+            }
+            if let Some(prev) = ports.iter().position(|q| q.name == name) {
+                return Err(self.error(
+                    &at(if p.name.is_some() { "name" } else { "path" }),
+                    format!("port name `{name}` is already used by port {prev}"),
+                    "give each [[port]] its own `name`",
+                ));
+            }
+            if let Some(prev) = ports.iter().position(|q| q.path == p.path) {
+                return Err(self.error(
+                    &at("path"),
+                    format!(
+                        "{} is already read by port `{}`",
+                        p.path.display(),
+                        ports[prev].name
+                    ),
+                    "a serial device can be opened by one port only",
+                ));
+            }
+            let baud = p.baud.unwrap_or(defaults::BAUD);
+            if !(50..=4_000_000).contains(&baud) {
+                return Err(self.error(
+                    &at("baud"),
+                    format!("{baud} is not a serial speed"),
+                    "e.g. 9600, 38400, 115200",
+                ));
+            }
+            let protocol = p.protocol.unwrap_or(Protocol::Sensorgate);
+            if protocol != Protocol::Lines && (p.node.is_some() || p.node_key.is_some()) {
+                return Err(self.error(
+                    &at(if p.node.is_some() { "node" } else { "node-key" }),
+                    format!("only `lines` ports take a node id from configuration; this port speaks `{}`", protocol.name()),
+                    "remove the key; sensorgate and MySensors frames carry their node id",
+                ));
+            }
+            let node_source = match (&p.node, &p.node_key) {
+                (Some(_), Some(_)) => {
+                    return Err(self.error(
+                        &at("node-key"),
+                        "`node` and `node-key` exclude each other".into(),
+                        "keep one",
+                    ));
+                }
+                (Some(id), None) => NodeSource::Fixed(id.as_id()),
+                (None, Some(k)) => NodeSource::Key(k.clone()),
+                (None, None) => NodeSource::Key(defaults::NODE_KEY.to_string()),
+            };
+            ports.push(PortConfig {
+                name,
+                path: p.path.clone(),
+                baud,
+                protocol,
+                node_source,
+            });
+        }
+        Ok(ports)
+    }
+
+    fn qos(&self, value: Option<u8>, path: &[locate::Seg<'_>]) -> Result<QoS, ConfigError> {
+        match value {
+            None => Ok(QoS::AtLeastOnce),
+            Some(v) => QoS::from_u8(v)
+                .ok_or_else(|| self.error(path, format!("{v} is not a QoS"), "use 0, 1 or 2")),
+        }
+    }
+
+    fn template(&self, text: &str, path: &[locate::Seg<'_>]) -> Result<Template, ConfigError> {
+        Template::parse(text)
+            .map_err(|e| self.error(path, format!("topic `{text}`: {e}"), &e.hint()))
+    }
+
+    fn mapping(
+        &self,
+        gateway: &str,
+        nodes: &[RawNode],
+        raw: &RawMapping,
+        ports: &[PortConfig],
+    ) -> Result<Mapping, ConfigError> {
+        use locate::Seg::{Index, Key};
+        let mut metas = std::collections::HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let id = n.id.as_id();
+            if metas
+                .insert(
+                    id.clone(),
+                    NodeMeta {
+                        name: n.name.clone(),
+                        room: n.room.clone(),
+                    },
+                )
+                .is_some()
+            {
+                return Err(self.error(
+                    &[Key("node"), Index(i), Key("id")],
+                    format!("node `{id}` is described twice"),
+                    "merge the two [[node]] tables",
+                ));
+            }
+        }
+        let default_payload = raw.payload.unwrap_or_default();
+        let default_qos = self.qos(raw.qos, &[Key("mapping"), Key("qos")])?;
+        let default_retain = raw.retain.unwrap_or(true);
+        let default = match raw.unmapped.unwrap_or(Unmapped::Publish) {
+            Unmapped::Drop => None,
+            Unmapped::Publish => Some(Output {
+                topic: self.template(
+                    raw.default_topic.as_deref().unwrap_or(DEFAULT_TOPIC),
+                    &[Key("mapping"), Key("default-topic")],
+                )?,
+                transform: Transform::default(),
+                payload: default_payload,
+                qos: default_qos,
+                retain: default_retain,
+            }),
+        };
+        let mut rules: Vec<Rule> = Vec::new();
+        for (i, r) in raw.rule.iter().enumerate() {
+            let at = |k: &'static str| [Key("mapping"), Key("rule"), Index(i), Key(k)];
+            if let Some(port) = &r.port {
+                if !ports.iter().any(|p| &p.name == port) {
+                    let names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
+                    return Err(self.error(
+                        &at("port"),
+                        format!("no port is named `{port}`"),
+                        &format!(
+                            "the ports are: {}",
+                            if names.is_empty() {
+                                "(none)".into()
+                            } else {
+                                names.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            let selector = Selector {
+                port: r.port.clone(),
+                node: r.node.as_ref().map(IdValue::as_id),
+                channel: r.channel,
+                quantity: r.quantity.clone(),
+            };
+            if let Some(j) = rules.iter().position(|other| other.selector == selector) {
+                return Err(self.error(
+                    &at("topic"),
+                    format!("this rule selects exactly what rule {j} selects, so one of them would never apply"),
+                    "make the selectors (port, node, channel, quantity) differ, or merge the rules",
+                ));
+            }
+            let output = if r.drop {
+                if r.topic.is_some() {
+                    return Err(self.error(
+                        &at("drop"),
+                        "a rule cannot both drop and publish".into(),
+                        "remove `topic` or `drop`",
+                    ));
+                }
+                None
+            } else {
+                let Some(topic) = &r.topic else {
+                    return Err(self.error(
+                        &[Key("mapping"), Key("rule"), Index(i)],
+                        "the rule has no `topic`".into(),
+                        "add `topic = \"sensors/{room}/{quantity}\"`, or `drop = true` to discard what it selects",
+                    ));
+                };
+                let scale = r.scale.unwrap_or(1.0);
+                let offset = r.offset.unwrap_or(0.0);
+                if !scale.is_finite() || !offset.is_finite() || scale == 0.0 {
+                    return Err(self.error(
+                        &at("scale"),
+                        "scale must be a non-zero number and offset a number".into(),
+                        "",
+                    ));
+                }
+                if r.decimals.is_some_and(|d| d > 12) {
+                    return Err(self.error(&at("decimals"), "at most 12 decimals".into(), ""));
+                }
+                Some(Output {
+                    topic: self.template(topic, &at("topic"))?,
+                    transform: Transform {
+                        scale,
+                        offset,
+                        decimals: r.decimals,
+                    },
+                    payload: r.payload.unwrap_or(default_payload),
+                    qos: match r.qos {
+                        Some(_) => self.qos(r.qos, &at("qos"))?,
+                        None => default_qos,
+                    },
+                    retain: r.retain.unwrap_or(default_retain),
+                })
+            };
+            rules.push(Rule { selector, output });
+        }
+        Ok(Mapping {
+            gateway: gateway.to_string(),
+            rules,
+            default,
+            nodes: metas,
         })
     }
 }

@@ -46,7 +46,10 @@ impl Selector {
         self.port.as_deref().is_none_or(|p| p == port)
             && self.node.as_deref().is_none_or(|n| n == node)
             && self.channel.is_none_or(|c| c == r.channel)
-            && self.quantity.as_deref().is_none_or(|q| Some(q) == r.quantity.as_deref())
+            && self
+                .quantity
+                .as_deref()
+                .is_none_or(|q| Some(q) == r.quantity.as_deref())
     }
 }
 
@@ -60,7 +63,11 @@ pub struct Transform {
 
 impl Default for Transform {
     fn default() -> Self {
-        Transform { scale: 1.0, offset: 0.0, decimals: None }
+        Transform {
+            scale: 1.0,
+            offset: 0.0,
+            decimals: None,
+        }
     }
 }
 
@@ -119,7 +126,13 @@ pub const DEFAULT_TOPIC: &str = "sensors/{node_name}/{quantity}";
 
 impl Mapping {
     /// The message for one reading, or `None` when it is dropped.
-    pub fn map(&self, port: &str, node: &str, reading: &Reading, facts: FrameFacts) -> Option<Publication> {
+    pub fn map(
+        &self,
+        port: &str,
+        node: &str,
+        reading: &Reading,
+        facts: FrameFacts,
+    ) -> Option<Publication> {
         let rule = self
             .rules
             .iter()
@@ -132,7 +145,10 @@ impl Mapping {
             None => self.default.as_ref()?,
         };
         let meta = self.nodes.get(node);
-        let quantity = reading.quantity.clone().unwrap_or_else(|| format!("channel{}", reading.channel));
+        let quantity = reading
+            .quantity
+            .clone()
+            .unwrap_or_else(|| format!("channel{}", reading.channel));
         let ctx = template::Context {
             gateway: &self.gateway,
             port,
@@ -146,7 +162,11 @@ impl Mapping {
         let topic = output.topic.render(&ctx);
         let t = output.transform;
         let value = reading.value * t.scale + t.offset;
-        let decimals = t.decimals.or(if t.scale == 1.0 { reading.decimals } else { None });
+        let decimals = t.decimals.or(if t.scale == 1.0 {
+            reading.decimals
+        } else {
+            None
+        });
         let number = format_number(value, decimals);
         let payload = match output.payload {
             PayloadFormat::Number => number,
@@ -155,7 +175,11 @@ impl Mapping {
                 if let Some(unit) = &reading.unit {
                     s.push_str(&format!(",\"unit\":{}", json_string(unit)));
                 }
-                s.push_str(&format!(",\"ts\":{},\"node\":{}", facts.ts_ms, json_string(node)));
+                s.push_str(&format!(
+                    ",\"ts\":{},\"node\":{}",
+                    facts.ts_ms,
+                    json_string(node)
+                ));
                 if let Some(seq) = facts.seq {
                     s.push_str(&format!(",\"seq\":{seq}"));
                 }
@@ -163,7 +187,12 @@ impl Mapping {
                 s
             }
         };
-        Some(Publication { topic, payload: Bytes::from(payload), qos: output.qos, retain: output.retain })
+        Some(Publication {
+            topic,
+            payload: Bytes::from(payload),
+            qos: output.qos,
+            retain: output.retain,
+        })
     }
 }
 
@@ -177,7 +206,11 @@ pub fn format_number(value: f64, decimals: Option<u8>) -> String {
         Some(d) => {
             let s = format!("{value:.prec$}", prec = usize::from(d));
             // "-0.0" reads badly on a dashboard.
-            if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') { s[1..].to_string() } else { s }
+            if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+                s[1..].to_string()
+            } else {
+                s
+            }
         }
         None => {
             let s = format!("{value}");
@@ -195,7 +228,13 @@ mod tests {
     use super::*;
 
     fn reading(channel: u16, quantity: &str, value: f64, decimals: Option<u8>) -> Reading {
-        Reading { channel, quantity: Some(quantity.into()), unit: Some("°C".into()), value, decimals }
+        Reading {
+            channel,
+            quantity: Some(quantity.into()),
+            unit: Some("°C".into()),
+            value,
+            decimals,
+        }
     }
 
     fn output(topic: &str) -> Output {
@@ -210,19 +249,43 @@ mod tests {
 
     fn mapping(rules: Vec<Rule>) -> Mapping {
         let mut nodes = HashMap::new();
-        nodes.insert("1".to_string(), NodeMeta { name: Some("kitchen".into()), room: Some("room".into()) });
-        Mapping { gateway: "gw".into(), rules, default: Some(output(DEFAULT_TOPIC)), nodes }
+        nodes.insert(
+            "1".to_string(),
+            NodeMeta {
+                name: Some("kitchen".into()),
+                room: Some("room".into()),
+            },
+        );
+        Mapping {
+            gateway: "gw".into(),
+            rules,
+            default: Some(output(DEFAULT_TOPIC)),
+            nodes,
+        }
     }
 
-    const FACTS: FrameFacts = FrameFacts { ts_ms: 1_700_000_000_000, seq: Some(42) };
+    const FACTS: FrameFacts = FrameFacts {
+        ts_ms: 1_700_000_000_000,
+        seq: Some(42),
+    };
 
     #[test]
     fn the_issue_example_maps_to_sensors_room_1_temp() {
         let m = mapping(vec![Rule {
-            selector: Selector { quantity: Some("temperature".into()), ..Default::default() },
+            selector: Selector {
+                quantity: Some("temperature".into()),
+                ..Default::default()
+            },
             output: Some(output("sensors/{room}/{node}/temp")),
         }]);
-        let p = m.map("pico", "1", &reading(0, "temperature", 21.5, Some(1)), FACTS).unwrap();
+        let p = m
+            .map(
+                "pico",
+                "1",
+                &reading(0, "temperature", 21.5, Some(1)),
+                FACTS,
+            )
+            .unwrap();
         assert_eq!(p.topic, "sensors/room/1/temp");
         assert_eq!(p.payload, Bytes::from_static(b"21.5"));
         assert_eq!((p.qos, p.retain), (QoS::AtLeastOnce, true));
@@ -231,40 +294,99 @@ mod tests {
     #[test]
     fn the_most_specific_rule_wins_and_ties_go_to_the_first() {
         let m = mapping(vec![
-            Rule { selector: Selector { node: Some("1".into()), ..Default::default() }, output: Some(output("a/{quantity}")) },
             Rule {
-                selector: Selector { node: Some("1".into()), channel: Some(2), ..Default::default() },
+                selector: Selector {
+                    node: Some("1".into()),
+                    ..Default::default()
+                },
+                output: Some(output("a/{quantity}")),
+            },
+            Rule {
+                selector: Selector {
+                    node: Some("1".into()),
+                    channel: Some(2),
+                    ..Default::default()
+                },
                 output: Some(output("b/{channel}")),
             },
-            Rule { selector: Selector { channel: Some(0), ..Default::default() }, output: Some(output("c")) },
+            Rule {
+                selector: Selector {
+                    channel: Some(0),
+                    ..Default::default()
+                },
+                output: Some(output("c")),
+            },
         ]);
-        assert_eq!(m.map("p", "1", &reading(2, "x", 1.0, None), FACTS).unwrap().topic, "b/2");
-        assert_eq!(m.map("p", "1", &reading(0, "x", 1.0, None), FACTS).unwrap().topic, "a/x");
-        assert_eq!(m.map("p", "9", &reading(0, "x", 1.0, None), FACTS).unwrap().topic, "c");
-        assert_eq!(m.map("p", "9", &reading(5, "hum", 1.0, None), FACTS).unwrap().topic, "sensors/9/hum");
+        assert_eq!(
+            m.map("p", "1", &reading(2, "x", 1.0, None), FACTS)
+                .unwrap()
+                .topic,
+            "b/2"
+        );
+        assert_eq!(
+            m.map("p", "1", &reading(0, "x", 1.0, None), FACTS)
+                .unwrap()
+                .topic,
+            "a/x"
+        );
+        assert_eq!(
+            m.map("p", "9", &reading(0, "x", 1.0, None), FACTS)
+                .unwrap()
+                .topic,
+            "c"
+        );
+        assert_eq!(
+            m.map("p", "9", &reading(5, "hum", 1.0, None), FACTS)
+                .unwrap()
+                .topic,
+            "sensors/9/hum"
+        );
     }
 
     #[test]
     fn a_drop_rule_and_an_absent_default_drop_readings() {
-        let mut m = mapping(vec![Rule { selector: Selector { channel: Some(3), ..Default::default() }, output: None }]);
-        assert!(m.map("p", "1", &reading(3, "x", 1.0, None), FACTS).is_none());
+        let mut m = mapping(vec![Rule {
+            selector: Selector {
+                channel: Some(3),
+                ..Default::default()
+            },
+            output: None,
+        }]);
+        assert!(
+            m.map("p", "1", &reading(3, "x", 1.0, None), FACTS)
+                .is_none()
+        );
         m.default = None;
-        assert!(m.map("p", "1", &reading(4, "x", 1.0, None), FACTS).is_none());
+        assert!(
+            m.map("p", "1", &reading(4, "x", 1.0, None), FACTS)
+                .is_none()
+        );
     }
 
     #[test]
     fn transforms_scale_offset_and_round() {
         let mut o = output("t");
-        o.transform = Transform { scale: 0.1, offset: -1.0, decimals: Some(2) };
-        let m = mapping(vec![Rule { selector: Selector::default(), output: Some(o) }]);
-        let p = m.map("p", "1", &reading(0, "x", 225.0, None), FACTS).unwrap();
+        o.transform = Transform {
+            scale: 0.1,
+            offset: -1.0,
+            decimals: Some(2),
+        };
+        let m = mapping(vec![Rule {
+            selector: Selector::default(),
+            output: Some(o),
+        }]);
+        let p = m
+            .map("p", "1", &reading(0, "x", 225.0, None), FACTS)
+            .unwrap();
         assert_eq!(p.payload, Bytes::from_static(b"21.50"));
     }
 
     #[test]
     fn the_senders_decimals_are_kept() {
         let m = mapping(vec![]);
-        let p = m.map("p", "1", &reading(0, "temperature", 21.0, Some(2)), FACTS).unwrap();
+        let p = m
+            .map("p", "1", &reading(0, "temperature", 21.0, Some(2)), FACTS)
+            .unwrap();
         assert_eq!(p.payload, Bytes::from_static(b"21.00"));
         assert_eq!(p.topic, "sensors/kitchen/temperature");
     }
@@ -273,8 +395,13 @@ mod tests {
     fn json_payloads_carry_value_unit_time_node_and_seq() {
         let mut o = output("t");
         o.payload = PayloadFormat::Json;
-        let m = mapping(vec![Rule { selector: Selector::default(), output: Some(o) }]);
-        let p = m.map("p", "1", &reading(0, "temperature", 21.5, Some(1)), FACTS).unwrap();
+        let m = mapping(vec![Rule {
+            selector: Selector::default(),
+            output: Some(o),
+        }]);
+        let p = m
+            .map("p", "1", &reading(0, "temperature", 21.5, Some(1)), FACTS)
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
         assert_eq!(v["value"], 21.5);
         assert_eq!(v["unit"], "°C");

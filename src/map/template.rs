@@ -55,7 +55,9 @@ pub enum TemplateError {
     Unclosed,
     #[error("a `}}` without its `{{`")]
     StrayBrace,
-    #[error("`+` and `#` are subscription wildcards and cannot appear in a topic a message is published to")]
+    #[error(
+        "`+` and `#` are subscription wildcards and cannot appear in a topic a message is published to"
+    )]
     Wildcard,
     #[error("topics may not start with `$`; those are reserved for the broker")]
     Dollar,
@@ -67,8 +69,13 @@ impl TemplateError {
     /// How to fix it, for the configuration error message.
     pub fn hint(&self) -> String {
         match self {
-            TemplateError::UnknownPlaceholder(_) | TemplateError::Unclosed | TemplateError::StrayBrace => {
-                let names: Vec<String> = Placeholder::ALL.iter().map(|(n, _)| format!("{{{n}}}")).collect();
+            TemplateError::UnknownPlaceholder(_)
+            | TemplateError::Unclosed
+            | TemplateError::StrayBrace => {
+                let names: Vec<String> = Placeholder::ALL
+                    .iter()
+                    .map(|(n, _)| format!("{{{n}}}"))
+                    .collect();
                 format!("the placeholders are {}", names.join(", "))
             }
             TemplateError::Wildcard => "name one topic, e.g. \"sensors/{room}/{quantity}\"".into(),
@@ -113,7 +120,8 @@ impl Template {
                     let after = &rest[i + 1..];
                     let end = after.find('}').ok_or(TemplateError::Unclosed)?;
                     let name = &after[..end];
-                    let p = Placeholder::from_name(name).ok_or_else(|| TemplateError::UnknownPlaceholder(name.to_string()))?;
+                    let p = Placeholder::from_name(name)
+                        .ok_or_else(|| TemplateError::UnknownPlaceholder(name.to_string()))?;
                     parts.push(Part::Value(p));
                     rest = &after[end + 1..];
                 }
@@ -129,7 +137,10 @@ impl Template {
                 }
             }
         }
-        Ok(Template { source: source.to_string(), parts })
+        Ok(Template {
+            source: source.to_string(),
+            parts,
+        })
     }
 
     /// The topic for one reading. Values are made safe for a topic level: `/`, `+`, `#` and
@@ -171,7 +182,13 @@ fn push_level_safe(out: &mut String, value: &str) {
         out.push('_');
         return;
     }
-    out.extend(value.chars().map(|c| if matches!(c, '/' | '+' | '#') || c.is_control() { '_' } else { c }));
+    out.extend(value.chars().map(|c| {
+        if matches!(c, '/' | '+' | '#') || c.is_control() {
+            '_'
+        } else {
+            c
+        }
+    }));
 }
 
 impl fmt::Display for Template {
@@ -205,13 +222,20 @@ mod tests {
 
     #[test]
     fn bad_templates_are_refused_with_a_reason() {
-        assert_eq!(Template::parse("a/{nodes}"), Err(TemplateError::UnknownPlaceholder("nodes".into())));
+        assert_eq!(
+            Template::parse("a/{nodes}"),
+            Err(TemplateError::UnknownPlaceholder("nodes".into()))
+        );
         assert_eq!(Template::parse("a/{node"), Err(TemplateError::Unclosed));
         assert_eq!(Template::parse("a/node}"), Err(TemplateError::StrayBrace));
         assert_eq!(Template::parse("a/+/b"), Err(TemplateError::Wildcard));
         assert_eq!(Template::parse("a/#"), Err(TemplateError::Wildcard));
         assert_eq!(Template::parse("$SYS/x"), Err(TemplateError::Dollar));
         assert_eq!(Template::parse(""), Err(TemplateError::Empty));
-        assert!(TemplateError::UnknownPlaceholder("x".into()).hint().contains("{node_name}"));
+        assert!(
+            TemplateError::UnknownPlaceholder("x".into())
+                .hint()
+                .contains("{node_name}")
+        );
     }
 }

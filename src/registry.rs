@@ -1,0 +1,269 @@
+//! Dedupe and the node registry: which nodes exist, what they measure, and which of their
+//! frames were already seen.
+//!
+//! Radio retransmits and a node repeating an unacknowledged frame both deliver the same
+//! `(node, boot id, sequence)` twice; the second is dropped here. A new boot id is a reboot: the
+//! sequence window starts afresh. Frames from the boot before the current one are stragglers
+//! and dropped too. The registry is saved to `nodes.json` (atomically, debounced, and at
+//! shutdown) so a gateway restart neither forgets nodes nor forwards a retransmit twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{FrameId, LinkQuality, NodeId, SensorInfo};
+
+pub const FILE_NAME: &str = "nodes.json";
+
+/// How many sequence numbers below the highest seen are remembered one by one; older ones are
+/// taken as seen.
+pub const WINDOW: u32 = 64;
+
+/// What the registry knows of one node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub port: String,
+    pub boot_id: Option<u32>,
+    pub previous_boot_id: Option<u32>,
+    pub highest_seq: u32,
+    /// Bit i set: `highest_seq - i` was seen.
+    pub seen: u64,
+    pub reboots: u32,
+    pub firmware: Option<String>,
+    pub sensors: BTreeMap<u16, SensorInfo>,
+    pub interval_s: Option<u32>,
+    pub last_seen_ms: u64,
+    pub battery_mv: Option<u32>,
+    pub battery_pct: Option<u8>,
+    pub uptime_s: Option<u32>,
+    pub readings_dropped: Option<u32>,
+    pub link: Option<LinkQuality>,
+    pub frames: u64,
+    pub duplicates: u64,
+}
+
+/// The registry's judgement of a numbered frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    New,
+    /// The first frame of a new boot id.
+    Rebooted,
+    Duplicate,
+}
+
+impl Verdict {
+    pub fn is_new(self) -> bool {
+        self != Verdict::Duplicate
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Registry {
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    #[serde(skip)]
+    dirty: bool,
+}
+
+impl Registry {
+    /// Loads `nodes.json` from `dir`; a missing file is an empty registry and a damaged one is
+    /// set aside and reported.
+    pub fn load(dir: &Path) -> Registry {
+        let path = dir.join(FILE_NAME);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Registry::default(),
+            Err(e) => {
+                tracing::error!(path = %path.display(), "cannot read the node registry, starting empty: {e}");
+                return Registry::default();
+            }
+        };
+        match serde_json::from_str::<Registry>(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                let aside = path.with_extension("json.corrupt");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(path = %path.display(), set_aside = %aside.display(), "the node registry is damaged ({e}); starting empty");
+                Registry::default()
+            }
+        }
+    }
+
+    /// Writes `nodes.json` atomically if anything changed since the last save.
+    pub fn save_if_dirty(&mut self, dir: &Path) {
+        if !self.dirty {
+            return;
+        }
+        match serde_json::to_vec_pretty(self) {
+            Ok(bytes) => {
+                match crate::broker::store::write_atomically(&dir.join(FILE_NAME), &bytes, 0o644) {
+                    Ok(()) => self.dirty = false,
+                    Err(e) => tracing::error!("cannot save the node registry: {e}"),
+                }
+            }
+            Err(e) => tracing::error!("cannot encode the node registry: {e}"),
+        }
+    }
+
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(FILE_NAME)
+    }
+
+    pub fn get(&self, node: &str) -> Option<&NodeRecord> {
+        self.nodes.get(node)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, &NodeRecord)> {
+        self.nodes.iter()
+    }
+
+    /// Records that `node` was heard on `port` now; returns its record.
+    pub fn touch(&mut self, node: &str, port: &str, now_ms: u64) -> &mut NodeRecord {
+        self.dirty = true;
+        let rec = self.nodes.entry(node.to_string()).or_default();
+        if rec.port != port {
+            rec.port = port.to_string();
+        }
+        rec.last_seen_ms = now_ms;
+        rec.frames += 1;
+        rec
+    }
+
+    /// Judges a numbered frame and records it as seen.
+    pub fn check(&mut self, node: &str, frame: FrameId) -> Verdict {
+        self.dirty = true;
+        let rec = self.nodes.entry(node.to_string()).or_default();
+        let verdict = judge(rec, frame);
+        if verdict == Verdict::Duplicate {
+            rec.duplicates += 1;
+        }
+        verdict
+    }
+}
+
+fn judge(rec: &mut NodeRecord, frame: FrameId) -> Verdict {
+    match rec.boot_id {
+        Some(boot) if boot == frame.boot_id => {
+            if frame.seq > rec.highest_seq {
+                let shift = frame.seq - rec.highest_seq;
+                rec.seen = if shift >= 64 { 0 } else { rec.seen << shift };
+                rec.seen |= 1;
+                rec.highest_seq = frame.seq;
+                return Verdict::New;
+            }
+            let age = rec.highest_seq - frame.seq;
+            if age >= WINDOW {
+                return Verdict::Duplicate;
+            }
+            let bit = 1u64 << age;
+            if rec.seen & bit != 0 {
+                Verdict::Duplicate
+            } else {
+                rec.seen |= bit;
+                Verdict::New
+            }
+        }
+        Some(_) if rec.previous_boot_id == Some(frame.boot_id) => Verdict::Duplicate,
+        previous => {
+            if previous.is_some() {
+                rec.reboots += 1;
+            }
+            rec.previous_boot_id = previous;
+            rec.boot_id = Some(frame.boot_id);
+            rec.highest_seq = frame.seq;
+            rec.seen = 1;
+            if previous.is_some() {
+                Verdict::Rebooted
+            } else {
+                Verdict::New
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(boot_id: u32, seq: u32) -> FrameId {
+        FrameId { boot_id, seq }
+    }
+
+    #[test]
+    fn a_retransmitted_frame_is_a_duplicate() {
+        let mut r = Registry::default();
+        assert_eq!(r.check("1", f(7, 1)), Verdict::New);
+        assert_eq!(r.check("1", f(7, 2)), Verdict::New);
+        assert_eq!(r.check("1", f(7, 2)), Verdict::Duplicate);
+        assert_eq!(r.check("1", f(7, 1)), Verdict::Duplicate);
+        assert_eq!(r.get("1").map(|n| n.duplicates), Some(2));
+    }
+
+    #[test]
+    fn a_frame_arriving_late_but_unseen_is_new() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 10));
+        assert_eq!(r.check("1", f(7, 12)), Verdict::New);
+        assert_eq!(r.check("1", f(7, 11)), Verdict::New);
+        assert_eq!(r.check("1", f(7, 11)), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_new_boot_id_is_a_reboot_and_restarts_the_window() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 500));
+        assert_eq!(r.check("1", f(9, 1)), Verdict::Rebooted);
+        assert_eq!(r.check("1", f(9, 2)), Verdict::New);
+        assert_eq!(
+            r.check("1", f(7, 501)),
+            Verdict::Duplicate,
+            "a straggler from the previous boot"
+        );
+        assert_eq!(r.get("1").map(|n| n.reboots), Some(1));
+    }
+
+    #[test]
+    fn frames_older_than_the_window_count_as_seen() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 1000));
+        assert_eq!(r.check("1", f(7, 1000 - WINDOW)), Verdict::Duplicate);
+        assert_eq!(r.check("1", f(7, 1000 - WINDOW + 1)), Verdict::New);
+        assert_eq!(
+            r.check("1", f(7, 2000)),
+            Verdict::New,
+            "a large jump clears the window"
+        );
+        assert_eq!(r.check("1", f(7, 1999)), Verdict::New);
+    }
+
+    #[test]
+    fn nodes_are_kept_apart() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 1));
+        assert_eq!(r.check("2", f(7, 1)), Verdict::New);
+    }
+
+    #[test]
+    fn the_registry_survives_a_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::default();
+        r.check("1", f(7, 3));
+        r.touch("1", "usb0", 5).firmware = Some("1.2.3".into());
+        r.save_if_dirty(dir.path());
+        let mut back = Registry::load(dir.path());
+        assert_eq!(back.check("1", f(7, 3)), Verdict::Duplicate);
+        assert_eq!(
+            back.get("1").and_then(|n| n.firmware.clone()).as_deref(),
+            Some("1.2.3")
+        );
+    }
+
+    #[test]
+    fn a_damaged_registry_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"{ not json").unwrap();
+        let r = Registry::load(dir.path());
+        assert_eq!(r.nodes().count(), 0);
+        assert!(dir.path().join("nodes.json.corrupt").exists());
+    }
+}

@@ -1,0 +1,374 @@
+//! Serial ingest end to end: real pseudo-terminals as serial ports, real frames in, a real MQTT
+//! subscriber (rumqttc) asserting topics and payloads out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use sensorgate_wire as wire;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_serial::{SerialPort, SerialStream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A pseudo-terminal: the test writes to `master`; the gateway opens `link`, a symlink to the
+/// slave side, the way `/dev/serial/by-id/...` links name USB adapters.
+struct Pty {
+    master: SerialStream,
+    _slave: SerialStream,
+}
+
+fn pty_at(link: &Path) -> Pty {
+    let (master, slave) = SerialStream::pair().expect("pseudo-terminal pair");
+    let target = slave.name().expect("slave has a path");
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(&target, link).expect("symlink");
+    Pty {
+        master,
+        _slave: slave,
+    }
+}
+
+fn frame(node: u32, boot: u32, seq: u32, body: wire::Body) -> Vec<u8> {
+    let f = wire::Frame::new(wire::Header::new(node, boot, seq), body);
+    let mut buf = [0u8; wire::MAX_FRAME];
+    wire::encode(&f, &mut buf).expect("encodes").to_vec()
+}
+
+fn hello() -> wire::Body {
+    let mut sensors = wire::heapless::Vec::new();
+    let _ = sensors.push(wire::SensorInfo {
+        channel: 0,
+        quantity: wire::Quantity::Temperature,
+        unit: wire::Unit::DegreeCelsius,
+    });
+    let _ = sensors.push(wire::SensorInfo {
+        channel: 1,
+        quantity: wire::Quantity::Humidity,
+        unit: wire::Unit::PercentRh,
+    });
+    wire::Body::Hello(wire::Hello {
+        firmware: wire::FirmwareVersion {
+            major: 1,
+            minor: 2,
+            patch: 3,
+        },
+        report_interval_s: 60,
+        sensors,
+    })
+}
+
+fn readings(values: &[(u8, i32, i8)]) -> wire::Body {
+    let list: Vec<wire::Reading> = values
+        .iter()
+        .map(|&(c, m, e)| wire::Reading::new(c, m, e))
+        .collect();
+    wire::Body::Readings(wire::Readings::from_slice(&list).expect("fits"))
+}
+
+struct Setup {
+    gw: sensorgate::Gateway,
+    _dir: tempfile::TempDir,
+    link: PathBuf,
+}
+
+async fn start(extra: &str, protocol: &str) -> (Setup, Pty) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("ttyNODE");
+    let pty = pty_at(&link);
+    let text = format!(
+        r#"
+data-dir = "{data}"
+gateway-id = "gw1"
+[broker]
+sys-interval = "1s"
+[[broker.listener]]
+bind = "127.0.0.1:0"
+[[port]]
+name = "p1"
+path = "{link}"
+protocol = "{protocol}"
+[[node]]
+id = 17
+name = "kitchen"
+room = "room"
+[mapping]
+[[mapping.rule]]
+quantity = "temperature"
+topic = "sensors/{{room}}/{{node}}/temp"
+{extra}
+"#,
+        data = dir.path().join("data").display(),
+        link = link.display(),
+    );
+    let config = sensorgate::config::parse(&text, "test.toml", None).expect("valid config");
+    let gw = sensorgate::start(config).await.expect("starts");
+    let stats = gw.port_stats()[0].1.clone();
+    wait_opens(&stats, 1).await;
+    (
+        Setup {
+            gw,
+            _dir: dir,
+            link,
+        },
+        pty,
+    )
+}
+
+async fn wait_opens(stats: &Arc<sensorgate::ingest::PortStats>, n: u64) {
+    let mut rx = stats.opened.subscribe();
+    tokio::time::timeout(WAIT, rx.wait_for(|&opens| opens >= n))
+        .await
+        .expect("port opens in time")
+        .expect("open");
+}
+
+async fn subscriber(gw: &sensorgate::Gateway, filter: &str) -> (AsyncClient, EventLoop) {
+    let addr = gw.local_addrs()[0];
+    let mut opts = MqttOptions::new(
+        format!("sub-{}", addr.port()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        match tokio::time::timeout(WAIT, events.poll())
+            .await
+            .expect("suback in time")
+            .expect("connected")
+        {
+            Event::Incoming(Packet::SubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    (client, events)
+}
+
+/// The next live PUBLISH as (topic, payload); retained messages sent on subscribe are skipped.
+async fn next_publish(events: &mut EventLoop) -> (String, String) {
+    loop {
+        match tokio::time::timeout(WAIT, events.poll())
+            .await
+            .expect("a message in time")
+            .expect("connection")
+        {
+            Event::Incoming(Packet::Publish(p)) if !p.retain => {
+                return (
+                    p.topic.clone(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                );
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Reads frames the gateway wrote back to the node until one is an ack.
+async fn next_ack(master: &mut SerialStream) -> wire::Ack {
+    let mut acc = wire::Accumulator::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = tokio::time::timeout(WAIT, master.read(&mut buf))
+            .await
+            .expect("an ack in time")
+            .expect("read");
+        for d in acc.feed_iter(&buf[..n]) {
+            if let Ok(wire::Frame {
+                body: wire::Body::Ack(ack),
+                ..
+            }) = d.result
+            {
+                return ack;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn frames_from_a_serial_port_reach_an_mqtt_subscriber_and_are_acknowledged() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/#").await;
+
+    pty.master
+        .write_all(&frame(17, 9, 1, hello()))
+        .await
+        .unwrap();
+    pty.master
+        .write_all(&frame(17, 9, 2, readings(&[(0, 215, -1), (1, 4800, -2)])))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/room/17/temp".into(), "21.5".into())
+    );
+    // No rule for humidity: the default template, with the sender's two decimals kept.
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/kitchen/humidity".into(), "48.00".into())
+    );
+    let ack = next_ack(&mut pty.master).await;
+    assert_eq!((ack.of.boot_id, ack.of.seq), (9, 2));
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retransmitted_frame_is_published_once_and_acknowledged_again() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/#").await;
+    let first = frame(17, 9, 5, readings(&[(0, 200, -1)]));
+    pty.master.write_all(&first).await.unwrap();
+    assert_eq!(next_publish(&mut events).await.1, "20.0");
+    assert_eq!(next_ack(&mut pty.master).await.of.seq, 5);
+
+    pty.master.write_all(&first).await.unwrap();
+    assert_eq!(
+        next_ack(&mut pty.master).await.of.seq,
+        5,
+        "the duplicate is acknowledged again"
+    );
+    // Barrier: the next new frame must be the next message the subscriber sees.
+    pty.master
+        .write_all(&frame(17, 9, 6, readings(&[(0, 201, -1)])))
+        .await
+        .unwrap();
+    assert_eq!(next_publish(&mut events).await.1, "20.1");
+    assert_eq!(
+        s.gw.port_stats()[0]
+            .1
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_and_corrupt_frames_are_counted_and_the_next_frame_still_arrives() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/#").await;
+    let mut corrupt = frame(17, 9, 1, readings(&[(0, 100, -1)]));
+    corrupt[3] ^= 0x08;
+    pty.master
+        .write_all(&frame(17, 9, 0, hello()))
+        .await
+        .unwrap();
+    pty.master
+        .write_all(b"\x13\x37 line noise \xff\xfe\x00")
+        .await
+        .unwrap();
+    pty.master.write_all(&corrupt).await.unwrap();
+    pty.master
+        .write_all(&frame(17, 9, 2, readings(&[(0, 222, -1)])))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/room/17/temp".into(), "22.2".into())
+    );
+    let stats = &s.gw.port_stats()[0].1;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        stats.frames.load(Relaxed),
+        2,
+        "the hello and the good readings"
+    );
+    assert_eq!(
+        stats.errors_crc.load(Relaxed) + stats.errors_framing.load(Relaxed),
+        2
+    );
+    assert_eq!(
+        stats.bytes.load(Relaxed),
+        stats.bytes_accounted.load(Relaxed),
+        "every byte is accounted for"
+    );
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_port_that_vanishes_is_reopened_when_it_comes_back() {
+    let (s, pty) = start("", "sensorgate").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/#").await;
+    let stats = s.gw.port_stats()[0].1.clone();
+    // Unplug: the pseudo-terminal goes away and the link dangles.
+    drop(pty);
+    let _ = std::fs::remove_file(&s.link);
+    // Plug back in: a new device behind the same link.
+    let mut pty = pty_at(&s.link);
+    wait_opens(&stats, 2).await;
+    pty.master
+        .write_all(&frame(17, 9, 1, readings(&[(0, 190, -1)])))
+        .await
+        .unwrap();
+    assert_eq!(next_publish(&mut events).await.1, "19.0");
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn port_counters_are_published_under_sys() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    let (_c, mut events) = subscriber(&s.gw, "$SYS/sensorgate/ports/p1/frames").await;
+    pty.master
+        .write_all(&frame(17, 9, 1, readings(&[(0, 190, -1)])))
+        .await
+        .unwrap();
+    loop {
+        let (topic, payload) = next_publish(&mut events).await;
+        assert_eq!(topic, "$SYS/sensorgate/ports/p1/frames");
+        if payload == "1" {
+            break;
+        }
+    }
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_remembers_nodes_and_does_not_forward_a_retransmit_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("tty");
+    let data = dir.path().join("data");
+    let text = format!(
+        "data-dir = \"{}\"\n[[broker.listener]]\nbind = \"127.0.0.1:0\"\n[[port]]\nname = \"p1\"\npath = \"{}\"\n",
+        data.display(),
+        link.display()
+    );
+    let f1 = frame(5, 1, 1, readings(&[(0, 100, 0)]));
+    {
+        let mut pty = pty_at(&link);
+        let gw = sensorgate::start(sensorgate::config::parse(&text, "t.toml", None).unwrap())
+            .await
+            .unwrap();
+        wait_opens(&gw.port_stats()[0].1, 1).await;
+        pty.master
+            .write_all(&frame(5, 1, 0, hello()))
+            .await
+            .unwrap();
+        pty.master.write_all(&f1).await.unwrap();
+        assert_eq!(next_ack(&mut pty.master).await.of.seq, 1);
+        gw.shutdown().await;
+    }
+    let mut pty = pty_at(&link);
+    let gw = sensorgate::start(sensorgate::config::parse(&text, "t.toml", None).unwrap())
+        .await
+        .unwrap();
+    wait_opens(&gw.port_stats()[0].1, 1).await;
+    let (_c, mut events) = subscriber(&gw, "sensors/#").await;
+    pty.master.write_all(&f1).await.unwrap();
+    assert_eq!(next_ack(&mut pty.master).await.of.seq, 1);
+    pty.master
+        .write_all(&frame(5, 1, 2, readings(&[(0, 101, 0)])))
+        .await
+        .unwrap();
+    // The quantity is known from the Hello before the restart; seq 1 is not republished.
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/5/temperature".into(), "101".into())
+    );
+    gw.shutdown().await;
+}

@@ -173,7 +173,7 @@ impl Template {
     }
 
     pub fn uses(&self, p: Placeholder) -> bool {
-        self.parts.iter().any(|part| *part == Part::Value(p))
+        self.parts.contains(&Part::Value(p))
     }
 }
 

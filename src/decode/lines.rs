@@ -15,14 +15,11 @@
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::text::{Line, LineBuffer, parse_number};
+use super::text::{Line, LineBuffer, parse_number, quote};
 use super::{Body, Decoded, Decoder, Fault, NodeId, Observation, Reading};
 
 /// Longest line accepted, without its line end; longer lines are one framing error.
 pub const MAX_LINE: usize = 1024;
-
-/// How much of a bad line an error detail quotes.
-const QUOTE_CHARS: usize = 80;
 
 /// Where a `lines` port takes the node id from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,17 +121,6 @@ fn decode_line(node: &NodeSource, text: &str) -> Result<Option<Observation>, Str
         link: None,
         body: Body::Readings(readings),
     }))
-}
-
-/// The start of a line for an error detail, cut at a character boundary.
-pub(super) fn quote(text: &str) -> String {
-    let mut chars = text.chars();
-    let head: String = chars.by_ref().take(QUOTE_CHARS).collect();
-    if chars.next().is_some() {
-        format!("{head:?}…")
-    } else {
-        format!("{head:?}")
-    }
 }
 
 /// `key=value` pairs in line order; tokens without `=` are skipped like other non-readings.

@@ -75,6 +75,20 @@ impl LineBuffer {
     }
 }
 
+/// How much of a bad line an error detail quotes.
+const QUOTE_CHARS: usize = 80;
+
+/// The start of a line for an error detail, Debug-quoted and cut at a character boundary.
+pub(super) fn quote(text: &str) -> String {
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(QUOTE_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{head:?}…")
+    } else {
+        format!("{head:?}")
+    }
+}
+
 /// A decimal number as a sender wrote it: its value and the decimal places it was given with.
 ///
 /// Only digits, sign, `.` and an exponent are accepted, so `inf`, `NaN` and `0x10` are not

@@ -7,6 +7,7 @@
 mod lines;
 mod mysensors;
 mod sensorgate;
+mod text;
 
 use std::fmt;
 

@@ -39,6 +39,8 @@ pub enum Error {
     },
     #[error("cannot load the password file {}: {message}", path.display())]
     PasswordFile { path: PathBuf, message: String },
+    #[error("the broker stopped while the gateway was starting")]
+    Stopped,
 }
 
 /// A running gateway, as returned by [`start`]: its addresses and a handle to stop it.
@@ -121,8 +123,23 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
             .map(|p| (p.config.name.clone(), p.stats.clone()))
             .collect(),
         status_interval: config.broker.sys_interval,
+        boot_id: random_u32(),
+        next_seq: 0,
+        downlinks: ports
+            .iter()
+            .map(|p| (p.config.name.clone(), p.downlink.clone()))
+            .collect(),
+        hello_requested: Default::default(),
     };
-    let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx));
+    let commands = broker
+        .handle()
+        .subscribe(
+            &pipeline::command_filter(&config.gateway_id),
+            pipeline::COMMAND_QUEUE,
+        )
+        .await
+        .map_err(|_| Error::Stopped)?;
+    let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx, commands));
     Ok(Gateway {
         broker,
         ports,
@@ -130,6 +147,18 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         pipeline,
         mapping: mapping_tx,
     })
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if getrandom::fill(&mut b).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        return nanos;
+    }
+    u32::from_le_bytes(b)
 }
 
 /// Runs the gateway until `shutdown` completes, then stops it cleanly.

@@ -10,7 +10,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::BrokerHandle;
 use crate::broker::codec::QoS;
-use crate::decode::{Body, Observation, SensorInfo};
+use std::collections::{HashMap, HashSet};
+
+use crate::broker::InternalMessage;
+use crate::decode::{Body, FrameId, NodeCommand, Observation, SensorInfo};
 use crate::ingest::{Downlink, Inbound, PortStats, now_ms};
 use crate::map::{FrameFacts, Mapping};
 use crate::registry::{Registry, Verdict};
@@ -24,6 +27,21 @@ pub struct Pipeline {
     /// Ports whose counters are published, by name.
     pub ports: Vec<(String, Arc<PortStats>)>,
     pub status_interval: Duration,
+    /// Numbers the gateway's own frames (commands) so node acks can be matched.
+    pub boot_id: u32,
+    pub next_seq: u32,
+    /// Each port's downlink, by port name: commands go to the port a node was last heard on.
+    pub downlinks: HashMap<String, mpsc::Sender<Downlink>>,
+    /// Nodes asked to repeat their `Hello` in this boot, so it is asked once.
+    pub hello_requested: HashSet<(String, u32)>,
+}
+
+/// Commands waiting for the pipeline.
+pub const COMMAND_QUEUE: usize = 64;
+
+/// `sensorgate/<gateway>/nodes/+/set/+`: where MQTT clients send node commands.
+pub fn command_filter(gateway: &str) -> String {
+    format!("sensorgate/{gateway}/nodes/+/set/+")
 }
 
 impl Pipeline {
@@ -32,6 +50,7 @@ impl Pipeline {
         mut self,
         mut inbound: mpsc::Receiver<Inbound>,
         mut mapping_updates: watch::Receiver<Arc<Mapping>>,
+        mut commands: mpsc::Receiver<InternalMessage>,
     ) {
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -49,6 +68,7 @@ impl Pipeline {
                         self.registry.save_if_dirty(&self.data_dir);
                     }
                 }
+                Some(cmd) = commands.recv() => self.command(cmd).await,
                 changed = mapping_updates.changed() => {
                     if changed.is_ok() {
                         self.mapping = mapping_updates.borrow_and_update().clone();
@@ -103,6 +123,22 @@ impl Pipeline {
                     .get(&node)
                     .map(|r| r.sensors.clone())
                     .unwrap_or_default();
+                // A node the gateway knows nothing about (registry lost, Hello missed): ask it
+                // to announce its sensors, once per boot.
+                if let Some(f) = frame {
+                    let unknown = readings
+                        .iter()
+                        .any(|r| r.quantity.is_none() && !known.contains_key(&r.channel));
+                    if unknown && self.hello_requested.insert((node.clone(), f.boot_id)) {
+                        let id = self.next_id();
+                        let command = NodeCommand::SendHello;
+                        let _ = reply.try_send(Downlink::Command {
+                            node: node.clone(),
+                            id,
+                            command,
+                        });
+                    }
+                }
                 for mut reading in readings {
                     if reading.quantity.is_none() {
                         if let Some(info) = known.get(&reading.channel) {
@@ -133,6 +169,19 @@ impl Pipeline {
             }
             Body::CommandAck { of, accepted } => {
                 tracing::info!(node = %node, seq = of.seq, accepted, "node answered a command");
+                let topic = format!(
+                    "sensorgate/{}/nodes/{node}/command-result",
+                    self.mapping.gateway
+                );
+                let payload = format!("{{\"seq\":{},\"accepted\":{accepted}}}", of.seq);
+                if self
+                    .broker
+                    .publish(topic, payload, QoS::AtLeastOnce, false)
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
             }
             Body::Hello { .. } | Body::Heartbeat { .. } => {}
         }
@@ -177,6 +226,66 @@ impl Pipeline {
             }
             _ => {}
         }
+    }
+
+    fn next_id(&mut self) -> FrameId {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        FrameId {
+            boot_id: self.boot_id,
+            seq: self.next_seq,
+        }
+    }
+
+    /// A message on `sensorgate/<gateway>/nodes/<node>/set/<command>`.
+    async fn command(&mut self, msg: InternalMessage) {
+        let mut levels = msg.topic.split('/').skip(3);
+        let (Some(node), Some(_set), Some(name)) = (levels.next(), levels.next(), levels.next())
+        else {
+            return;
+        };
+        let payload = String::from_utf8_lossy(&msg.payload);
+        let result_topic = format!(
+            "sensorgate/{}/nodes/{node}/command-result",
+            self.mapping.gateway
+        );
+        let command = match NodeCommand::parse(name, &payload) {
+            Ok(c) => c,
+            Err(why) => {
+                tracing::warn!(%node, "refused a command: {why}");
+                let body = format!(
+                    "{{\"error\":{}}}",
+                    serde_json::to_string(&why).unwrap_or_default()
+                );
+                let _ = self
+                    .broker
+                    .publish(result_topic, body, QoS::AtLeastOnce, false)
+                    .await;
+                return;
+            }
+        };
+        let port = self.registry.get(node).map(|r| r.port.clone());
+        let Some(route) = port.and_then(|p| self.downlinks.get(&p)).cloned() else {
+            let why = format!("node {node} has never been heard on a configured port");
+            tracing::warn!("cannot send a command: {why}");
+            let body = format!(
+                "{{\"error\":{}}}",
+                serde_json::to_string(&why).unwrap_or_default()
+            );
+            let _ = self
+                .broker
+                .publish(result_topic, body, QoS::AtLeastOnce, false)
+                .await;
+            return;
+        };
+        let id = self.next_id();
+        tracing::info!(%node, ?command, seq = id.seq, "sending a command");
+        let _ = route
+            .send(Downlink::Command {
+                node: node.to_string(),
+                id,
+                command,
+            })
+            .await;
     }
 
     async fn publish_port_stats(&self) {

@@ -372,3 +372,89 @@ async fn a_restart_remembers_nodes_and_does_not_forward_a_retransmit_twice() {
     );
     gw.shutdown().await;
 }
+
+async fn next_command(master: &mut SerialStream) -> wire::Frame {
+    let mut acc = wire::Accumulator::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = tokio::time::timeout(WAIT, master.read(&mut buf))
+            .await
+            .expect("a frame in time")
+            .expect("read");
+        for d in acc.feed_iter(&buf[..n]) {
+            if let Ok(
+                f @ wire::Frame {
+                    body: wire::Body::Command(_),
+                    ..
+                },
+            ) = d.result
+            {
+                return f;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_command_published_over_mqtt_reaches_the_node_and_its_ack_comes_back() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    let (_client, mut events) = subscriber(&s.gw, "sensorgate/gw1/nodes/17/command-result").await;
+    // The gateway learns where node 17 is from its frames; the ack shows it was processed.
+    pty.master
+        .write_all(&frame(17, 9, 0, hello()))
+        .await
+        .unwrap();
+    pty.master
+        .write_all(&frame(17, 9, 1, readings(&[(0, 215, -1)])))
+        .await
+        .unwrap();
+    assert_eq!(next_ack(&mut pty.master).await.of.seq, 1);
+    // An independent client sends the command.
+    let port = s.gw.local_addrs()[0].port().to_string();
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "sensorgate/gw1/nodes/17/set/interval",
+            "-m",
+            "30",
+        ])
+        .status()
+        .await
+        .expect("mosquitto_pub runs");
+    assert!(status.success());
+    let cmd = next_command(&mut pty.master).await;
+    assert_eq!(cmd.header.node_id, 17);
+    assert_eq!(
+        cmd.body,
+        wire::Body::Command(wire::Command::SetReportInterval { seconds: 30 })
+    );
+    // The node answers with an ack of the command's (boot id, seq).
+    let ack = wire::Body::Ack(wire::Ack::accepted(cmd.header.frame_ref()));
+    pty.master.write_all(&frame(17, 9, 2, ack)).await.unwrap();
+    let (topic, payload) = next_publish(&mut events).await;
+    assert_eq!(topic, "sensorgate/gw1/nodes/17/command-result");
+    assert_eq!(
+        payload,
+        format!("{{\"seq\":{},\"accepted\":true}}", cmd.header.seq)
+    );
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn readings_from_an_unknown_channel_make_the_gateway_ask_for_a_hello() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    pty.master
+        .write_all(&frame(44, 3, 1, readings(&[(0, 1, 0)])))
+        .await
+        .unwrap();
+    let cmd = next_command(&mut pty.master).await;
+    assert_eq!(cmd.header.node_id, 44);
+    assert_eq!(cmd.body, wire::Body::Command(wire::Command::SendHello));
+    s.gw.shutdown().await;
+}

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::config::ValidConfig;
 use codec::QoS;
 pub use persist::FILE_NAME as SNAPSHOT_FILE;
+pub use router::InternalMessage;
 use router::{Command, Router, RouterConfig};
 
 /// Commands waiting for the router. Large enough to absorb a burst from many publishers;
@@ -89,6 +90,22 @@ impl BrokerHandle {
             retain,
         };
         self.tx.send(cmd).await.map_err(|_| Stopped)
+    }
+
+    /// Subscribes in-process to a valid `filter`: live messages (not retained ones) arrive on
+    /// the returned channel; when it is full, further messages are dropped and counted.
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        capacity: usize,
+    ) -> Result<mpsc::Receiver<InternalMessage>, Stopped> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let cmd = Command::SubscribeInternal {
+            filter: filter.to_string(),
+            tx,
+        };
+        self.tx.send(cmd).await.map_err(|_| Stopped)?;
+        Ok(rx)
     }
 
     pub fn stats(&self) -> &Stats {

@@ -65,10 +65,23 @@ pub enum Command {
         qos: QoS,
         retain: bool,
     },
+    /// An in-process subscriber (the pipeline's command topics): live messages only.
+    SubscribeInternal {
+        filter: String,
+        tx: mpsc::Sender<InternalMessage>,
+    },
     /// Save state and close every connection.
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// A message delivered to an in-process subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
 }
 
 struct Link {
@@ -112,6 +125,7 @@ pub struct Router {
     started: Instant,
     matches: Vec<(SessionKey, QoS)>,
     sends: Vec<Send>,
+    internal: Vec<(String, mpsc::Sender<InternalMessage>)>,
 }
 
 impl Router {
@@ -136,6 +150,7 @@ impl Router {
             started: Instant::now(),
             matches: Vec::new(),
             sends: Vec::new(),
+            internal: Vec::new(),
         };
         router.restore(snapshot);
         router
@@ -267,6 +282,7 @@ impl Router {
                     tracing::warn!(%topic, "in-process publish to an invalid topic dropped");
                 }
             }
+            Command::SubscribeInternal { filter, tx } => self.internal.push((filter, tx)),
             Command::Shutdown { done } => {
                 let _ = done.send(());
             }
@@ -611,6 +627,21 @@ impl Router {
         }
         self.matches = matches;
         self.sends = sends;
+        if !self.internal.is_empty() {
+            self.internal.retain(|(_, tx)| !tx.is_closed());
+            for (filter, tx) in &self.internal {
+                if topic::matches(filter, &msg.topic) {
+                    let m = InternalMessage {
+                        topic: msg.topic.clone(),
+                        payload: msg.payload.clone(),
+                        qos,
+                    };
+                    if tx.try_send(m).is_err() {
+                        self.stats.messages_dropped.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
     }
 
     /// Hands one message to one session (any QoS), recording drops.

@@ -151,6 +151,46 @@ impl Decoded {
     }
 }
 
+/// A command for a node, from MQTT (`sensorgate/<gateway>/nodes/<node>/set/<command>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeCommand {
+    /// `interval`, payload: seconds between readings.
+    SetInterval(u32),
+    /// `identify`, payload: seconds to blink the LED (default 5).
+    Identify(u16),
+    /// `reboot`
+    Reboot,
+    /// `hello`: ask the node to announce its sensors again.
+    SendHello,
+}
+
+impl NodeCommand {
+    /// Parses a command topic's last level and its payload.
+    pub fn parse(name: &str, payload: &str) -> Result<NodeCommand, String> {
+        let payload = payload.trim();
+        match name {
+            "interval" => payload
+                .parse::<u32>()
+                .ok()
+                .filter(|&s| s > 0)
+                .map(NodeCommand::SetInterval)
+                .ok_or_else(|| {
+                    format!("`interval` takes a number of seconds above 0, not `{payload}`")
+                }),
+            "identify" if payload.is_empty() => Ok(NodeCommand::Identify(5)),
+            "identify" => payload
+                .parse::<u16>()
+                .map(NodeCommand::Identify)
+                .map_err(|_| format!("`identify` takes a number of seconds, not `{payload}`")),
+            "reboot" => Ok(NodeCommand::Reboot),
+            "hello" => Ok(NodeCommand::SendHello),
+            other => Err(format!(
+                "unknown command `{other}`; the commands are interval, identify, reboot, hello"
+            )),
+        }
+    }
+}
+
 /// A serial protocol decoder. One instance per port; state is per stream.
 pub trait Decoder: Send {
     /// Feeds a chunk of bytes (any split); appends outcomes to `out`.
@@ -161,6 +201,10 @@ pub trait Decoder: Send {
     fn pending(&self) -> usize;
     /// The bytes that acknowledge `frame` to `node`, for protocols with acknowledgements.
     fn ack(&self, _node: &str, _frame: FrameId) -> Option<Vec<u8>> {
+        None
+    }
+    /// The bytes that carry `command` to `node`, numbered `id`, for protocols with commands.
+    fn command(&self, _node: &str, _id: FrameId, _command: NodeCommand) -> Option<Vec<u8>> {
         None
     }
 }

@@ -4,7 +4,8 @@
 use sensorgate_wire::{self as wire, Accumulator, Body as WireBody, Frame, FrameError};
 
 use super::{
-    Body, Decoded, Decoder, Fault, FrameId, LinkQuality, Observation, Reading, SensorInfo,
+    Body, Decoded, Decoder, Fault, FrameId, LinkQuality, NodeCommand, Observation, Reading,
+    SensorInfo,
 };
 
 #[derive(Default)]
@@ -158,6 +159,22 @@ impl Decoder for SensorgateDecoder {
         });
         // The gateway's own boot id and sequence do not matter for acks; zero marks them.
         let f = Frame::new(wire::Header::new(node_id, 0, 0), WireBody::Ack(ack));
+        let mut buf = [0u8; wire::MAX_FRAME];
+        wire::encode(&f, &mut buf).ok().map(<[u8]>::to_vec)
+    }
+
+    fn command(&self, node: &str, id: FrameId, command: NodeCommand) -> Option<Vec<u8>> {
+        let node_id: u32 = node.parse().ok()?;
+        let command = match command {
+            NodeCommand::SetInterval(seconds) => wire::Command::SetReportInterval { seconds },
+            NodeCommand::Identify(seconds) => wire::Command::Identify { seconds },
+            NodeCommand::Reboot => wire::Command::Reboot,
+            NodeCommand::SendHello => wire::Command::SendHello,
+        };
+        let f = Frame::new(
+            wire::Header::new(node_id, id.boot_id, id.seq),
+            WireBody::Command(command),
+        );
         let mut buf = [0u8; wire::MAX_FRAME];
         wire::encode(&f, &mut buf).ok().map(<[u8]>::to_vec)
     }

@@ -14,8 +14,8 @@ use tokio_serial::SerialPortBuilderExt;
 
 use crate::config::PortConfig;
 use crate::decode::{
-    Decoded, Decoder, Fault, FrameId, LinesDecoder, MySensorsDecoder, Observation, Protocol,
-    SensorgateDecoder,
+    Decoded, Decoder, Fault, FrameId, LinesDecoder, MySensorsDecoder, NodeCommand, Observation,
+    Protocol, SensorgateDecoder,
 };
 
 /// Observations waiting for the pipeline. When full, ports stop reading and the OS buffers
@@ -62,6 +62,12 @@ impl PortStats {
 pub enum Downlink {
     /// Acknowledge a node frame (encoded by the port's decoder).
     Ack { node: String, frame: FrameId },
+    /// A command for a node, numbered `id` so the node's ack can be matched.
+    Command {
+        node: String,
+        id: FrameId,
+        command: NodeCommand,
+    },
     /// Bytes already encoded for this port's protocol.
     Raw(Vec<u8>),
 }
@@ -198,6 +204,13 @@ async fn run(
                     let Some(out) = out else { return };
                     let bytes = match out {
                         Downlink::Ack { node, frame } => decoder.ack(&node, frame),
+                        Downlink::Command { node, id, command } => {
+                            let bytes = decoder.command(&node, id, command);
+                            if bytes.is_none() {
+                                tracing::warn!(port = %name, %node, "this port's protocol cannot carry commands");
+                            }
+                            bytes
+                        }
                         Downlink::Raw(b) => Some(b),
                     };
                     if let Some(bytes) = bytes {

@@ -1,25 +1,119 @@
 //! The embedded MQTT broker (3.1.1 and 3.1).
+//!
+//! ```text
+//!  TCP ─▶ connection task ──Command──▶ router task ──Outgoing──▶ connection task ─▶ TCP
+//!         (decode, CONNECT,           (sessions, trie,          (bounded queue,
+//!          auth, keep-alive)           retained, QoS)            batched writes)
+//!                                          │ snapshot bytes
+//!                                          ▼
+//!                                     store thread (fsync, rename)
+//! ```
 
 pub mod auth;
 pub mod codec;
+mod connection;
+mod persist;
+mod router;
+pub mod session;
 pub mod store;
+pub mod topic;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::config::ValidConfig;
+use codec::QoS;
+pub use persist::FILE_NAME as SNAPSHOT_FILE;
+use router::{Command, Router, RouterConfig};
 
-pub struct Broker {
-    addrs: Vec<SocketAddr>,
+/// Commands waiting for the router. Large enough to absorb a burst from many publishers;
+/// when full, publishers wait (TCP backpressure) rather than the router dropping anything.
+const ROUTER_QUEUE: usize = 8192;
+
+/// Broker counters, shared with connections and published under `$SYS`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub clients_connected: AtomicU64,
+    pub clients_total: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub retained: AtomicU64,
 }
 
+/// A running broker.
+pub struct Broker {
+    addrs: Vec<SocketAddr>,
+    handle: BrokerHandle,
+    stop_accepting: watch::Sender<bool>,
+    acceptors: Vec<JoinHandle<()>>,
+    router: JoinHandle<()>,
+}
+
+/// In-process access to the broker, for the sensor pipeline and status reporting.
 #[derive(Clone)]
-pub struct BrokerHandle {}
+pub struct BrokerHandle {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<Stats>,
+}
+
+/// The broker has stopped; the message was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker has stopped")]
+pub struct Stopped;
+
+impl BrokerHandle {
+    /// Publishes a message as if a local client had; waits only for room in the router's queue.
+    pub async fn publish(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), Stopped> {
+        let cmd = Command::Publish {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+        };
+        self.tx.send(cmd).await.map_err(|_| Stopped)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
 
 impl Broker {
+    /// Restores state, binds every listener and starts serving.
     pub async fn start(config: &ValidConfig) -> Result<Broker, crate::Error> {
+        let b = &config.broker;
+        let passwords = match &b.password_file {
+            Some(path) => Some(Arc::new(auth::PasswordFile::load(path).map_err(|e| {
+                crate::Error::PasswordFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?)),
+            None => None,
+        };
+
+        let mut listeners = Vec::new();
         let mut addrs = Vec::new();
-        for addr in &config.broker.listeners {
-            let l = tokio::net::TcpListener::bind(addr)
+        for addr in &b.listeners {
+            let l = TcpListener::bind(addr)
                 .await
                 .map_err(|source| crate::Error::Bind {
                     addr: *addr,
@@ -29,14 +123,136 @@ impl Broker {
                 addr: *addr,
                 source,
             })?);
+            listeners.push(l);
         }
-        Ok(Broker { addrs })
+
+        let (snapshot, store) = if b.persistence {
+            let store = persist::StoreHandle::spawn(config.data_dir.clone()).map_err(|source| {
+                crate::Error::DataDir {
+                    path: config.data_dir.clone(),
+                    source,
+                }
+            })?;
+            (persist::load(&config.data_dir), Some(store))
+        } else {
+            (persist::Snapshot::default(), None)
+        };
+
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+        let router = Router::new(
+            RouterConfig {
+                max_inflight: b.max_inflight,
+                max_queued: b.max_queued,
+                sys_interval: b.sys_interval,
+                snapshot_interval: b.snapshot_interval,
+            },
+            stats.clone(),
+            store,
+            snapshot,
+        );
+        let router = tokio::spawn(router.run(rx));
+
+        let shared = Arc::new(connection::Shared {
+            router: tx.clone(),
+            passwords,
+            allow_anonymous: b.allow_anonymous,
+            max_packet_size: b.max_packet_size,
+            max_inflight: b.max_inflight,
+            max_keep_alive: b.max_keep_alive,
+            stats: stats.clone(),
+        });
+        let limit = Arc::new(Semaphore::new(b.max_connections));
+        let next_conn = Arc::new(AtomicU64::new(1));
+        let (stop_accepting, stop_rx) = watch::channel(false);
+        let acceptors = listeners
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(accept_loop(
+                    l,
+                    shared.clone(),
+                    limit.clone(),
+                    next_conn.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+
+        Ok(Broker {
+            addrs,
+            handle: BrokerHandle { tx, stats },
+            stop_accepting,
+            acceptors,
+            router,
+        })
     }
+
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
+
     pub fn handle(&self) -> BrokerHandle {
-        BrokerHandle {}
+        self.handle.clone()
     }
-    pub async fn shutdown(self) {}
+
+    /// Stops accepting, saves state, closes every connection.
+    pub async fn shutdown(self) {
+        let _ = self.stop_accepting.send(true);
+        for a in self.acceptors {
+            let _ = a.await;
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        if self
+            .handle
+            .tx
+            .send(Command::Shutdown { done: done_tx })
+            .await
+            .is_ok()
+        {
+            let _ = done_rx.await;
+        }
+        let _ = self.router.await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<connection::Shared>,
+    limit: Arc<Semaphore>,
+    next_conn: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning (mini-redis).
+                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.stats.connections_refused.fetch_add(1, Relaxed);
+            tracing::warn!(%peer, "connection limit reached; closing the new connection");
+            drop(stream);
+            continue;
+        };
+        shared.stats.connections_total.fetch_add(1, Relaxed);
+        let conn = next_conn.fetch_add(1, Relaxed);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            connection::serve(stream, peer, conn, shared).await;
+            drop(permit);
+        });
+    }
 }

@@ -8,5 +8,5 @@ mod encode;
 mod packet;
 
 pub use decode::{DecodeError, decode};
-pub use encode::{encode, encode_publish_head};
+pub use encode::{MAX_REMAINING_LENGTH, encode, encode_publish_head, encoded_len};
 pub use packet::*;

@@ -1,0 +1,805 @@
+//! The router: one task that owns every session, the subscription trie and the retained store.
+//!
+//! Connections decode packets and send them here; the router never awaits a connection (it
+//! `try_send`s into bounded per-connection queues) nor the disk (snapshots go to the store
+//! thread), so one slow client or a slow SD card cannot stall the others (invariants 5 and 6).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Stats;
+use super::codec::{
+    self, ConnAck, Connect, ConnectReturnCode, Packet, ProtocolLevel, Publish, QoS, SubAck,
+    SubAckCode,
+};
+use super::persist::{self, Snapshot, StoreHandle};
+use super::session::{Delivery, Message, Send, SessionState};
+use super::topic::{self, SubscriptionTrie};
+
+/// Identifies one network connection (not a client: a client id outlives its connections).
+pub type ConnId = u64;
+type SessionKey = u32;
+
+/// Frames queued for a connection's writer.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A complete encoded packet.
+    Frame(Bytes),
+    /// A PUBLISH: its head (fixed header, topic, packet id) and the payload shared by all
+    /// subscribers (encode once, fan out).
+    Publish { head: Bytes, payload: Bytes },
+}
+
+/// Room kept free in each connection queue for QoS 1/2 traffic and acknowledgements: QoS 0
+/// messages are dropped before they can take it, so a flood of QoS 0 never blocks an ack.
+pub const ACK_RESERVE: usize = 1024;
+/// QoS 0 messages a connection may have queued before further ones are dropped for it.
+pub const QOS0_QUEUE: usize = 4096;
+
+/// What connections and in-process producers ask of the router.
+pub enum Command {
+    Connect {
+        conn: ConnId,
+        connect: Connect,
+        tx: mpsc::Sender<Outgoing>,
+        kill: oneshot::Sender<()>,
+    },
+    Packet {
+        conn: ConnId,
+        packet: Packet,
+    },
+    /// The connection ended; `graceful` after a DISCONNECT packet (no will).
+    Closed {
+        conn: ConnId,
+        graceful: bool,
+    },
+    /// A message from inside the gateway (ingest, `$SYS`).
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    },
+    /// Save state and close every connection.
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+struct Link {
+    conn: ConnId,
+    tx: mpsc::Sender<Outgoing>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+struct Entry {
+    state: SessionState,
+    link: Option<Link>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Retained {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+}
+
+pub struct RouterConfig {
+    pub max_inflight: u16,
+    pub max_queued: usize,
+    pub sys_interval: Duration,
+    pub snapshot_interval: Duration,
+}
+
+pub struct Router {
+    config: RouterConfig,
+    entries: Vec<Option<Entry>>,
+    free: Vec<SessionKey>,
+    by_client: HashMap<String, SessionKey>,
+    by_conn: HashMap<ConnId, SessionKey>,
+    trie: SubscriptionTrie<SessionKey>,
+    retained: BTreeMap<String, Retained>,
+    stats: Arc<Stats>,
+    store: Option<StoreHandle>,
+    /// State changed since the last snapshot.
+    dirty: bool,
+    /// A change exactly-once depends on: snapshot at the end of this batch.
+    urgent: bool,
+    started: Instant,
+    matches: Vec<(SessionKey, QoS)>,
+    sends: Vec<Send>,
+}
+
+impl Router {
+    pub fn new(
+        config: RouterConfig,
+        stats: Arc<Stats>,
+        store: Option<StoreHandle>,
+        snapshot: Snapshot,
+    ) -> Router {
+        let mut router = Router {
+            config,
+            entries: Vec::new(),
+            free: Vec::new(),
+            by_client: HashMap::new(),
+            by_conn: HashMap::new(),
+            trie: SubscriptionTrie::new(),
+            retained: BTreeMap::new(),
+            stats,
+            store,
+            dirty: false,
+            urgent: false,
+            started: Instant::now(),
+            matches: Vec::new(),
+            sends: Vec::new(),
+        };
+        router.restore(snapshot);
+        router
+    }
+
+    fn restore(&mut self, snapshot: Snapshot) {
+        let (retained, sessions) =
+            snapshot.into_state(self.config.max_inflight, self.config.max_queued);
+        self.retained = retained;
+        for state in sessions {
+            let key = self.insert_entry(Entry { state, link: None });
+            let subs: Vec<(String, QoS)> = self
+                .entry(key)
+                .map(|e| {
+                    e.state
+                        .subscriptions
+                        .iter()
+                        .map(|(f, q)| (f.clone(), *q))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (filter, qos) in subs {
+                self.trie.insert(&filter, key, qos);
+            }
+        }
+        self.stats
+            .retained
+            .store(self.retained.len() as u64, Relaxed);
+        self.update_client_counts();
+    }
+
+    /// Runs until a `Shutdown` command or until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(256);
+        let mut sys = tokio::time::interval(self.config.sys_interval);
+        sys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snap = tokio::time::interval(self.config.snapshot_interval);
+        snap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish_version();
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        self.save(None).await;
+                        return;
+                    }
+                    for cmd in batch.drain(..) {
+                        if let Command::Shutdown { done } = cmd {
+                            self.shutdown(done).await;
+                            return;
+                        }
+                        self.handle(cmd);
+                    }
+                    if self.urgent {
+                        self.snapshot_async();
+                    }
+                }
+                _ = sys.tick() => self.publish_sys(),
+                _ = snap.tick() => if self.dirty { self.snapshot_async() },
+            }
+        }
+    }
+
+    async fn shutdown(&mut self, done: oneshot::Sender<()>) {
+        self.save(Some(done)).await;
+        for entry in self.entries.iter_mut().flatten() {
+            if let Some(mut link) = entry.link.take() {
+                if let Some(kill) = link.kill.take() {
+                    let _ = kill.send(());
+                }
+            }
+        }
+    }
+
+    /// The final snapshot at shutdown: written before `done` fires.
+    async fn save(&mut self, done: Option<oneshot::Sender<()>>) {
+        if let Some(store) = &self.store {
+            let bytes = self.snapshot_bytes();
+            let (tx, rx) = oneshot::channel();
+            store.write(bytes, Some(tx));
+            let _ = rx.await;
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+
+    fn snapshot_bytes(&self) -> Vec<u8> {
+        let sessions = self
+            .entries
+            .iter()
+            .flatten()
+            .filter(|e| !e.state.clean)
+            .map(|e| &e.state);
+        persist::encode(&self.retained, sessions)
+    }
+
+    fn snapshot_async(&mut self) {
+        self.dirty = false;
+        self.urgent = false;
+        if let Some(store) = &self.store {
+            store.write(self.snapshot_bytes(), None);
+        }
+    }
+
+    pub fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect {
+                conn,
+                connect,
+                tx,
+                kill,
+            } => self.on_connect(conn, connect, tx, kill),
+            Command::Packet { conn, packet } => {
+                if let Some(&key) = self.by_conn.get(&conn) {
+                    self.on_packet(key, packet);
+                }
+            }
+            Command::Closed { conn, graceful } => self.on_closed(conn, graceful),
+            Command::Publish {
+                topic,
+                payload,
+                qos,
+                retain,
+            } => {
+                if topic::validate_topic(&topic) {
+                    self.publish(Arc::new(Message { topic, payload }), qos, retain);
+                } else {
+                    tracing::warn!(%topic, "in-process publish to an invalid topic dropped");
+                }
+            }
+            Command::Shutdown { done } => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn entry(&mut self, key: SessionKey) -> Option<&mut Entry> {
+        self.entries.get_mut(key as usize).and_then(Option::as_mut)
+    }
+
+    fn insert_entry(&mut self, entry: Entry) -> SessionKey {
+        let id = entry.state.client_id.clone();
+        let key = match self.free.pop() {
+            Some(k) => {
+                self.entries[k as usize] = Some(entry);
+                k
+            }
+            None => {
+                self.entries.push(Some(entry));
+                (self.entries.len() - 1) as SessionKey
+            }
+        };
+        self.by_client.insert(id, key);
+        key
+    }
+
+    fn remove_entry(&mut self, key: SessionKey) {
+        let Some(entry) = self.entries.get_mut(key as usize).and_then(Option::take) else {
+            return;
+        };
+        for filter in entry.state.subscriptions.keys() {
+            self.trie.remove(filter, key);
+        }
+        self.by_client.remove(&entry.state.client_id);
+        self.free.push(key);
+        if !entry.state.clean {
+            self.dirty = true;
+        }
+    }
+
+    fn update_client_counts(&self) {
+        let total = self.entries.iter().flatten().count() as u64;
+        let connected = self
+            .entries
+            .iter()
+            .flatten()
+            .filter(|e| e.link.is_some())
+            .count() as u64;
+        self.stats.clients_total.store(total, Relaxed);
+        self.stats.clients_connected.store(connected, Relaxed);
+    }
+
+    fn on_connect(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        tx: mpsc::Sender<Outgoing>,
+        kill: oneshot::Sender<()>,
+    ) {
+        let mut session_present = false;
+        if let Some(&key) = self.by_client.get(&connect.client_id) {
+            // Session takeover [MQTT-3.1.4-2]: the first connection is closed by the server, not
+            // by DISCONNECT, so its will is published.
+            let mut will = None;
+            let mut drop_session = connect.clean_session;
+            if let Some(entry) = self.entry(key) {
+                if let Some(mut old) = entry.link.take() {
+                    tracing::info!(client = %entry.state.client_id, "session taken over by a new connection");
+                    if let Some(k) = old.kill.take() {
+                        let _ = k.send(());
+                    }
+                    self.by_conn.remove(&old.conn);
+                }
+                let entry = self.entries[key as usize].as_mut();
+                if let Some(entry) = entry {
+                    entry.state.online = false;
+                    will = entry.state.will.take();
+                    drop_session |= entry.state.clean;
+                }
+            }
+            if let Some(w) = will {
+                self.publish_will(w);
+            }
+            if drop_session {
+                self.remove_entry(key);
+            } else {
+                session_present = true;
+            }
+        }
+        let key = match self.by_client.get(&connect.client_id) {
+            Some(&k) => k,
+            None => {
+                let state = SessionState::new(
+                    connect.client_id.clone(),
+                    connect.clean_session,
+                    self.config.max_inflight,
+                    self.config.max_queued,
+                );
+                if !connect.clean_session {
+                    // A new persistent session: saved at once, since exactly-once depends on it.
+                    self.urgent = true;
+                }
+                self.insert_entry(Entry { state, link: None })
+            }
+        };
+        self.by_conn.insert(conn, key);
+        let protocol = connect.protocol;
+        let mut sends = std::mem::take(&mut self.sends);
+        if let Some(entry) = self.entry(key) {
+            entry.state.will = connect.will;
+            let link = Link {
+                conn,
+                tx,
+                kill: Some(kill),
+            };
+            // 3.1 has no session-present flag.
+            let ack = ConnAck {
+                session_present: session_present && protocol == ProtocolLevel::V311,
+                code: ConnectReturnCode::Accepted,
+            };
+            let _ = link
+                .tx
+                .try_send(Outgoing::Frame(frame(&Packet::ConnAck(ack))));
+            entry.link = Some(link);
+            entry.state.resume(&mut sends);
+        }
+        self.flush_sends(key, &mut sends);
+        self.sends = sends;
+        self.update_client_counts();
+    }
+
+    fn on_closed(&mut self, conn: ConnId, graceful: bool) {
+        let Some(key) = self.by_conn.remove(&conn) else {
+            return;
+        };
+        let mut will = None;
+        let mut clean = false;
+        if let Some(entry) = self.entry(key) {
+            entry.link = None;
+            entry.state.online = false;
+            will = entry.state.will.take();
+            clean = entry.state.clean;
+        }
+        if clean {
+            self.remove_entry(key);
+        } else {
+            self.dirty = true;
+        }
+        // [MQTT-3.1.2-8]: the will is published unless the client sent DISCONNECT.
+        if let (false, Some(w)) = (graceful, will) {
+            self.publish_will(w);
+        }
+        self.update_client_counts();
+    }
+
+    fn publish_will(&mut self, will: codec::LastWill) {
+        let msg = Arc::new(Message {
+            topic: will.topic,
+            payload: will.payload,
+        });
+        self.publish(msg, will.qos, will.retain);
+    }
+
+    fn on_packet(&mut self, key: SessionKey, packet: Packet) {
+        let mut sends = std::mem::take(&mut self.sends);
+        let persistent = self.entry(key).is_some_and(|e| !e.state.clean);
+        match packet {
+            Packet::Publish(p) => {
+                self.stats.messages_received.fetch_add(1, Relaxed);
+                let Publish {
+                    qos,
+                    retain,
+                    topic,
+                    pkid,
+                    payload,
+                    ..
+                } = p;
+                let route = match qos {
+                    QoS::AtMostOnce => true,
+                    QoS::AtLeastOnce => {
+                        sends.push(Send::PubAck(pkid));
+                        true
+                    }
+                    QoS::ExactlyOnce => {
+                        let new = self
+                            .entry(key)
+                            .is_some_and(|e| e.state.on_inbound_qos2(pkid));
+                        sends.push(Send::PubRec(pkid));
+                        new
+                    }
+                };
+                if route {
+                    self.publish(Arc::new(Message { topic, payload }), qos, retain);
+                }
+                if persistent && qos == QoS::ExactlyOnce {
+                    self.dirty = true;
+                }
+            }
+            Packet::PubAck(pkid) => {
+                if let Some(e) = self.entry(key) {
+                    e.state.on_puback(pkid, &mut sends);
+                }
+            }
+            Packet::PubRec(pkid) => {
+                if let Some(e) = self.entry(key) {
+                    e.state.on_pubrec(pkid, &mut sends);
+                }
+            }
+            Packet::PubComp(pkid) => {
+                if let Some(e) = self.entry(key) {
+                    e.state.on_pubcomp(pkid, &mut sends);
+                }
+            }
+            Packet::PubRel(pkid) => {
+                if let Some(e) = self.entry(key) {
+                    e.state.on_pubrel(pkid, &mut sends);
+                }
+            }
+            Packet::Subscribe(s) => {
+                let mut codes = Vec::with_capacity(s.filters.len());
+                let mut granted = Vec::new();
+                for (filter, qos) in s.filters {
+                    if topic::validate_filter(&filter).is_err() {
+                        codes.push(SubAckCode::Failure);
+                        continue;
+                    }
+                    codes.push(SubAckCode::Granted(qos));
+                    self.trie.insert(&filter, key, qos);
+                    if let Some(e) = self.entry(key) {
+                        e.state.subscriptions.insert(filter.clone(), qos);
+                    }
+                    granted.push((filter, qos));
+                }
+                self.send_packet(
+                    key,
+                    &Packet::SubAck(SubAck {
+                        pkid: s.pkid,
+                        codes,
+                    }),
+                );
+                // Retained messages follow the SUBACK [MQTT-3.3.1-6], with RETAIN=1 [MQTT-3.3.1-8].
+                for (filter, sub_qos) in granted {
+                    let hits: Vec<Retained> = self
+                        .retained
+                        .iter()
+                        .filter(|(t, _)| topic::matches(&filter, t))
+                        .map(|(_, r)| r.clone())
+                        .collect();
+                    for r in hits {
+                        self.deliver(key, r.msg, r.qos.min(sub_qos), true, &mut sends);
+                    }
+                }
+                if persistent {
+                    self.urgent = true;
+                }
+            }
+            Packet::Unsubscribe(u) => {
+                for filter in &u.filters {
+                    self.trie.remove(filter, key);
+                    if let Some(e) = self.entry(key) {
+                        e.state.subscriptions.remove(filter);
+                    }
+                }
+                self.send_packet(key, &Packet::UnsubAck(u.pkid));
+                if persistent {
+                    self.urgent = true;
+                }
+            }
+            // Handled by the connection, or never sent by a client (the connection closes).
+            _ => {}
+        }
+        if persistent && !sends.is_empty() {
+            self.dirty = true;
+        }
+        self.flush_sends(key, &mut sends);
+        self.sends = sends;
+    }
+
+    /// Routes a message to every matching subscriber, once per client at the highest QoS.
+    fn publish(&mut self, msg: Arc<Message>, qos: QoS, retain: bool) {
+        if retain {
+            // [MQTT-3.3.1-10/11]: an empty retained message clears the topic's retained message.
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(
+                    msg.topic.clone(),
+                    Retained {
+                        msg: msg.clone(),
+                        qos,
+                    },
+                );
+            }
+            self.stats
+                .retained
+                .store(self.retained.len() as u64, Relaxed);
+            self.dirty = true;
+        }
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        self.trie.matches(&msg.topic, &mut matches);
+        if matches.len() > 1 {
+            // Overlapping subscriptions: deliver once at the maximum granted QoS.
+            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            matches.dedup_by_key(|m| m.0);
+        }
+        let mut sends = std::mem::take(&mut self.sends);
+        let mut qos0_head: Option<Bytes> = None;
+        for &(key, sub_qos) in &matches {
+            let q = qos.min(sub_qos);
+            if q == QoS::AtMostOnce {
+                let reserve = ACK_RESERVE + usize::from(self.config.max_inflight);
+                let Some(link) = self.entry(key).and_then(|e| e.link.as_ref()) else {
+                    continue;
+                };
+                if link.tx.capacity() <= reserve {
+                    self.stats.messages_dropped.fetch_add(1, Relaxed);
+                    continue;
+                }
+                let head = qos0_head
+                    .get_or_insert_with(|| publish_head(&msg, QoS::AtMostOnce, 0, false, false))
+                    .clone();
+                if link
+                    .tx
+                    .try_send(Outgoing::Publish {
+                        head,
+                        payload: msg.payload.clone(),
+                    })
+                    .is_ok()
+                {
+                    self.stats.messages_sent.fetch_add(1, Relaxed);
+                } else {
+                    self.stats.messages_dropped.fetch_add(1, Relaxed);
+                }
+            } else {
+                self.deliver(key, msg.clone(), q, false, &mut sends);
+                self.flush_sends(key, &mut sends);
+            }
+        }
+        self.matches = matches;
+        self.sends = sends;
+    }
+
+    /// Hands one message to one session (any QoS), recording drops.
+    fn deliver(
+        &mut self,
+        key: SessionKey,
+        msg: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sends: &mut Vec<Send>,
+    ) {
+        let Some(entry) = self.entry(key) else { return };
+        if qos == QoS::AtMostOnce {
+            if entry.link.is_some() {
+                sends.push(Send::Publish {
+                    msg,
+                    qos,
+                    pkid: 0,
+                    dup: false,
+                    retain,
+                });
+            }
+            return;
+        }
+        let persistent = !entry.state.clean;
+        match entry.state.deliver(msg, qos, retain, sends) {
+            Delivery::Dropped => {
+                self.stats.messages_dropped.fetch_add(1, Relaxed);
+            }
+            Delivery::Queued | Delivery::Sent if persistent => self.dirty = true,
+            _ => {}
+        }
+    }
+
+    fn send_packet(&mut self, key: SessionKey, packet: &Packet) {
+        let bytes = frame(packet);
+        self.send_to(key, Outgoing::Frame(bytes));
+    }
+
+    /// Encodes and queues what a session produced.
+    fn flush_sends(&mut self, key: SessionKey, sends: &mut Vec<Send>) {
+        for s in sends.drain(..) {
+            let out = match s {
+                Send::Publish {
+                    msg,
+                    qos: QoS::AtMostOnce,
+                    retain,
+                    ..
+                } => {
+                    // QoS 0 (retained on subscribe): dropped rather than crowding out acks.
+                    let reserve = ACK_RESERVE + usize::from(self.config.max_inflight);
+                    let Some(link) = self.entry(key).and_then(|e| e.link.as_ref()) else {
+                        continue;
+                    };
+                    if link.tx.capacity() <= reserve {
+                        self.stats.messages_dropped.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    self.stats.messages_sent.fetch_add(1, Relaxed);
+                    let head = publish_head(&msg, QoS::AtMostOnce, 0, false, retain);
+                    Outgoing::Publish {
+                        head,
+                        payload: msg.payload.clone(),
+                    }
+                }
+                Send::Publish {
+                    msg,
+                    qos,
+                    pkid,
+                    dup,
+                    retain,
+                } => {
+                    self.stats.messages_sent.fetch_add(1, Relaxed);
+                    Outgoing::Publish {
+                        head: publish_head(&msg, qos, pkid, dup, retain),
+                        payload: msg.payload.clone(),
+                    }
+                }
+                Send::PubAck(id) => Outgoing::Frame(frame(&Packet::PubAck(id))),
+                Send::PubRec(id) => Outgoing::Frame(frame(&Packet::PubRec(id))),
+                Send::PubRel(id) => Outgoing::Frame(frame(&Packet::PubRel(id))),
+                Send::PubComp(id) => Outgoing::Frame(frame(&Packet::PubComp(id))),
+            };
+            self.send_to(key, out);
+        }
+    }
+
+    /// Queues a frame for a session's connection. A connection whose queue is full even for
+    /// acknowledgements is not reading at all: it is closed rather than allowed to grow.
+    fn send_to(&mut self, key: SessionKey, out: Outgoing) {
+        let Some(entry) = self.entry(key) else { return };
+        let Some(link) = entry.link.as_mut() else {
+            return;
+        };
+        if link.tx.try_send(out).is_err() {
+            tracing::warn!(client = %entry.state.client_id, "client is not reading; closing its connection");
+            if let Some(k) = link.kill.take() {
+                let _ = k.send(());
+            }
+        }
+    }
+
+    fn publish_internal(&mut self, topic: &str, payload: String) {
+        let msg = Arc::new(Message {
+            topic: topic.to_string(),
+            payload: Bytes::from(payload),
+        });
+        self.publish(msg, QoS::AtMostOnce, true);
+    }
+
+    fn publish_version(&mut self) {
+        self.publish_internal(
+            "$SYS/broker/version",
+            format!("sensorgate {}", env!("CARGO_PKG_VERSION")),
+        );
+    }
+
+    /// `$SYS/broker/...` with Mosquitto's topic names, so existing dashboards work.
+    fn publish_sys(&mut self) {
+        let s = self.stats.clone();
+        let values = [
+            (
+                "$SYS/broker/uptime",
+                format!("{} seconds", self.started.elapsed().as_secs()),
+            ),
+            (
+                "$SYS/broker/clients/connected",
+                s.clients_connected.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/clients/total",
+                s.clients_total.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/clients/disconnected",
+                (s.clients_total
+                    .load(Relaxed)
+                    .saturating_sub(s.clients_connected.load(Relaxed)))
+                .to_string(),
+            ),
+            (
+                "$SYS/broker/messages/received",
+                s.messages_received.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/messages/sent",
+                s.messages_sent.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/messages/dropped",
+                s.messages_dropped.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/bytes/received",
+                s.bytes_received.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/bytes/sent",
+                s.bytes_sent.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/retained messages/count",
+                self.retained.len().to_string(),
+            ),
+            (
+                "$SYS/broker/connections/total",
+                s.connections_total.load(Relaxed).to_string(),
+            ),
+        ];
+        for (topic, value) in values {
+            self.publish_internal(topic, value);
+        }
+    }
+}
+
+/// Encodes a whole control packet.
+fn frame(packet: &Packet) -> Bytes {
+    let mut buf = BytesMut::with_capacity(8);
+    codec::encode(packet, &mut buf);
+    buf.freeze()
+}
+
+fn publish_head(msg: &Message, qos: QoS, pkid: u16, dup: bool, retain: bool) -> Bytes {
+    let p = Publish {
+        dup,
+        qos,
+        retain,
+        topic: msg.topic.clone(),
+        pkid,
+        payload: msg.payload.clone(),
+    };
+    let mut buf = BytesMut::with_capacity(msg.topic.len() + 8);
+    codec::encode_publish_head(&p, &mut buf);
+    buf.freeze()
+}

@@ -1,0 +1,93 @@
+//! The `sensorgate` command line: exit codes and messages users and scripts rely on.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn sensorgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+}
+
+#[test]
+fn check_config_accepts_a_valid_file() {
+    let out = sensorgate()
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/broker-only.toml"),
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+#[test]
+fn check_config_rejects_a_bad_file_with_ex_config_and_a_located_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, "[broker]\nmax-inflight = 0\n").unwrap();
+    let out = sensorgate()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gw.toml:2"), "{err}");
+    assert!(err.contains("broker.max-inflight"), "{err}");
+    assert!(err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn run_with_a_bad_file_exits_with_ex_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, "[brokr]\n").unwrap();
+    let out = sensorgate()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
+}
+
+#[test]
+fn passwd_adds_a_user_that_the_file_then_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("passwd");
+    let mut child = sensorgate()
+        .arg("passwd")
+        .arg(&path)
+        .arg("alice")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"correct horse\n")
+        .unwrap();
+    assert!(child.wait().expect("exits").success());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("alice:$7$"), "{text}");
+    let pw = sensorgate::broker::auth::PasswordFile::load(&path).unwrap();
+    assert!(pw.verify("alice", b"correct horse"));
+    assert!(!pw.verify("alice", b"correct horse\n"));
+}
+
+#[test]
+fn version_and_help_read_well() {
+    let out = sensorgate().arg("--version").output().expect("runs");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("sensorgate "));
+    let out = sensorgate().arg("--help").output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check-config", "passwd"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Bytes, BytesMut};
 use sensorgate::broker::codec::{
-    ConnAck, Connect, ConnectReturnCode, Packet, ProtocolLevel, Publish, QoS, SubAckCode, Subscribe,
+    ConnAck, Connect, ConnectReturnCode, Packet, ProtocolLevel, Publish, QoS, SubAckCode,
+    Subscribe, decode, encode, encode_publish_head,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,10 +33,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{MissedTickBehavior, sleep_until, timeout};
 
-use wire::{decode, encode, encode_publish_head};
-
-/// Which broker runs as side A until sensorgate's broker speaks MQTT; then `Sensorgate`.
-const DEFAULT_SIDE_A: BrokerKind = BrokerKind::Mosquitto;
+/// The broker compared with mosquitto; `SENSORGATE_BENCH_SIDE_A=mosquitto` runs mosquitto
+/// against itself, which shows how much the machine's noise alone moves the ratios.
+const DEFAULT_SIDE_A: BrokerKind = BrokerKind::Sensorgate;
 
 /// The broker's outgoing inflight window, the same for both (`max_inflight_messages`).
 const MAX_INFLIGHT: u16 = 100;
@@ -1164,190 +1164,4 @@ async fn open_idle(addr: SocketAddr, n: usize) -> Result<Vec<Conn>> {
         all.extend(r.context("opener task panicked")??);
     }
     Ok(all)
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// A minimal MQTT 3.1.1 encoder and decoder for the load clients, with the codec's signatures,
-/// to be replaced by `sensorgate::broker::codec` once it decodes and encodes.
-mod wire {
-    use bytes::{Buf, BufMut, BytesMut};
-    use sensorgate::broker::codec::{
-        ConnAck, ConnectReturnCode, Packet, Publish, QoS, SubAck, SubAckCode,
-    };
-
-    fn put_len(out: &mut BytesMut, mut len: usize) {
-        loop {
-            let mut byte = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                byte |= 0x80;
-            }
-            out.put_u8(byte);
-            if len == 0 {
-                break;
-            }
-        }
-    }
-
-    fn put_str(out: &mut BytesMut, s: &str) {
-        out.put_u16(s.len() as u16);
-        out.put_slice(s.as_bytes());
-    }
-
-    /// Encodes the packets a client sends; panics on the ones it does not.
-    pub fn encode(packet: &Packet, out: &mut BytesMut) {
-        match packet {
-            Packet::Connect(c) => {
-                assert!(c.will.is_none() && c.username.is_none() && c.password.is_none());
-                out.put_u8(0x10);
-                put_len(out, 10 + 2 + c.client_id.len());
-                put_str(out, c.protocol.name());
-                out.put_u8(c.protocol.level());
-                out.put_u8(if c.clean_session { 0x02 } else { 0 });
-                out.put_u16(c.keep_alive);
-                put_str(out, &c.client_id);
-            }
-            Packet::Subscribe(s) => {
-                out.put_u8(0x82);
-                let len: usize = s.filters.iter().map(|(f, _)| 3 + f.len()).sum();
-                put_len(out, 2 + len);
-                out.put_u16(s.pkid);
-                for (f, qos) in &s.filters {
-                    put_str(out, f);
-                    out.put_u8(qos.as_u8());
-                }
-            }
-            Packet::Publish(p) => {
-                encode_publish_head(p, out);
-                out.put_slice(&p.payload);
-            }
-            Packet::PubAck(id) | Packet::PubRec(id) | Packet::PubRel(id) | Packet::PubComp(id) => {
-                out.put_u8(match packet {
-                    Packet::PubAck(_) => 0x40,
-                    Packet::PubRec(_) => 0x50,
-                    Packet::PubRel(_) => 0x62,
-                    _ => 0x70,
-                });
-                out.put_u8(2);
-                out.put_u16(*id);
-            }
-            Packet::PingReq => out.put_slice(&[0xC0, 0]),
-            Packet::Disconnect => out.put_slice(&[0xE0, 0]),
-            other => panic!("the bench's encoder does not encode {other:?}"),
-        }
-    }
-
-    /// Everything of a PUBLISH but its payload, which the caller appends.
-    pub fn encode_publish_head(p: &Publish, out: &mut BytesMut) {
-        let id_len = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
-        out.put_u8(0x30 | (u8::from(p.dup) << 3) | (p.qos.as_u8() << 1) | u8::from(p.retain));
-        put_len(out, 2 + p.topic.len() + id_len + p.payload.len());
-        put_str(out, &p.topic);
-        if id_len > 0 {
-            out.put_u16(p.pkid);
-        }
-    }
-
-    /// The next packet of `buf`, `Ok(None)` if it is not complete yet.
-    pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Packet>, String> {
-        let mut len = 0usize;
-        let mut header = 1;
-        loop {
-            let Some(&byte) = buf.get(header) else {
-                return Ok(None);
-            };
-            len |= usize::from(byte & 0x7F) << (7 * (header - 1));
-            header += 1;
-            if byte & 0x80 == 0 {
-                break;
-            }
-            if header > 4 {
-                return Err("remaining length longer than 4 bytes".into());
-            }
-        }
-        if len > max {
-            return Err(format!("packet of {len} bytes exceeds {max}"));
-        }
-        if buf.len() < header + len {
-            return Ok(None);
-        }
-        let first = buf[0];
-        buf.advance(header);
-        let mut body = buf.split_to(len).freeze();
-        let need = |body: &bytes::Bytes, n: usize| {
-            if body.remaining() < n {
-                Err(format!("packet 0x{first:02x} too short"))
-            } else {
-                Ok(())
-            }
-        };
-        let packet = match first >> 4 {
-            2 => {
-                need(&body, 2)?;
-                let flags = body.get_u8();
-                let code = match body.get_u8() {
-                    0 => ConnectReturnCode::Accepted,
-                    1 => ConnectReturnCode::UnacceptableProtocolVersion,
-                    2 => ConnectReturnCode::IdentifierRejected,
-                    3 => ConnectReturnCode::ServerUnavailable,
-                    4 => ConnectReturnCode::BadUsernameOrPassword,
-                    5 => ConnectReturnCode::NotAuthorized,
-                    c => return Err(format!("CONNACK code {c}")),
-                };
-                Packet::ConnAck(ConnAck {
-                    session_present: flags & 1 == 1,
-                    code,
-                })
-            }
-            3 => {
-                let qos = QoS::from_u8((first >> 1) & 3).ok_or("PUBLISH with QoS 3")?;
-                need(&body, 2)?;
-                let tlen = usize::from(body.get_u16());
-                need(&body, tlen)?;
-                let topic = String::from_utf8(body.split_to(tlen).to_vec())
-                    .map_err(|_| "topic not UTF-8")?;
-                let pkid = if qos == QoS::AtMostOnce {
-                    0
-                } else {
-                    need(&body, 2)?;
-                    body.get_u16()
-                };
-                Packet::Publish(Publish {
-                    dup: first & 0x08 != 0,
-                    qos,
-                    retain: first & 1 != 0,
-                    topic,
-                    pkid,
-                    payload: body,
-                })
-            }
-            4..=7 | 11 => {
-                need(&body, 2)?;
-                let id = body.get_u16();
-                match first >> 4 {
-                    4 => Packet::PubAck(id),
-                    5 => Packet::PubRec(id),
-                    6 => Packet::PubRel(id),
-                    7 => Packet::PubComp(id),
-                    _ => Packet::UnsubAck(id),
-                }
-            }
-            9 => {
-                need(&body, 2)?;
-                let pkid = body.get_u16();
-                let codes = body
-                    .iter()
-                    .map(|&c| match QoS::from_u8(c) {
-                        Some(q) => SubAckCode::Granted(q),
-                        None => SubAckCode::Failure,
-                    })
-                    .collect();
-                Packet::SubAck(SubAck { pkid, codes })
-            }
-            13 => Packet::PingResp,
-            t => return Err(format!("unexpected packet type {t} from a broker")),
-        };
-        Ok(Some(packet))
-    }
 }

@@ -188,26 +188,28 @@ impl Case {
     /// The table rows this case fills, in the order `measure` returns their values.
     fn rows(self, plan: &Plan) -> Vec<RowSpec> {
         let row = |name: String, unit, better| RowSpec { name, unit, better };
+        let cpu = |name: &str| row(format!("{name}: broker CPU"), "µs/delivery", Better::Lower);
         match self {
-            Case::Throughput(qos) => vec![row(
-                format!(
+            Case::Throughput(qos) => {
+                let name = format!(
                     "Throughput QoS {}, {PUBLISHERS} pub → 1 sub, {PAYLOAD_LEN} B, {} msgs",
                     qos.as_u8(),
                     group(u64::from(PUBLISHERS) * plan.throughput_msgs[usize::from(qos.as_u8())])
-                ),
-                "msg/s",
-                Better::Higher,
-            )],
-            Case::FanOut(qos) => vec![row(
-                format!(
+                );
+                vec![row(name.clone(), "msg/s", Better::Higher), cpu(&name)]
+            }
+            Case::FanOut(qos) => {
+                let name = format!(
                     "Fan-out QoS {}, 1 pub → {} subs, {} msgs",
                     qos.as_u8(),
                     plan.fanout_subs,
                     group(plan.fanout_msgs[usize::from(qos.as_u8())])
-                ),
-                "deliveries/s",
-                Better::Higher,
-            )],
+                );
+                vec![
+                    row(name.clone(), "deliveries/s", Better::Higher),
+                    cpu(&name),
+                ]
+            }
             Case::Latency => ["p50", "p99"]
                 .into_iter()
                 .map(|p| {
@@ -275,6 +277,7 @@ struct Row {
 
 async fn measure(case: Case, broker: &BrokerProcess, plan: &Plan) -> Result<Vec<Measure>> {
     let context = || format!("{case:?} against {}", broker.title());
+    let cpu_before = broker.cpu_time()?;
     let values = match case {
         Case::Throughput(qos) => {
             let flow = run_flow(
@@ -291,7 +294,8 @@ async fn measure(case: Case, broker: &BrokerProcess, plan: &Plan) -> Result<Vec<
             )
             .await
             .with_context(context)?;
-            vec![flow.rate_measure()]
+            let cpu = broker.cpu_time()? - cpu_before;
+            vec![flow.rate_measure(), flow.cpu_measure(cpu)]
         }
         Case::FanOut(qos) => {
             let flow = run_flow(
@@ -308,7 +312,8 @@ async fn measure(case: Case, broker: &BrokerProcess, plan: &Plan) -> Result<Vec<
             )
             .await
             .with_context(context)?;
-            vec![flow.rate_measure()]
+            let cpu = broker.cpu_time()? - cpu_before;
+            vec![flow.rate_measure(), flow.cpu_measure(cpu)]
         }
         Case::Latency => {
             let mut flow = run_flow(
@@ -412,7 +417,9 @@ fn render(plan: &Plan, a: &BrokerProcess, b: &BrokerProcess, cores: usize, rows:
          and the order alternates per case. Limits on both: max inflight {MAX_INFLIGHT}, max \
          queued {MAX_QUEUED}, no persistence, TCP_NODELAY. QoS 1/2 publishers keep {PUBLISH_WINDOW} \
          PUBLISHes outstanding. Rates count messages received by subscribers from the first \
-         publish to the last delivery.\n\nCommand: `cargo bench --bench broker{}`",
+         publish to the last delivery; broker CPU is user + system time of the broker process \
+         (all threads) over the case, per delivered message, which depends less than the rates on \
+         what else runs on the machine.\n\nCommand: `cargo bench --bench broker{}`",
         cores.max(2),
         if plan.quick { " -- --quick" } else { "" }
     );
@@ -595,6 +602,31 @@ impl BrokerProcess {
             rss_kib: field("VmRSS:")?,
             peak_kib: field("VmHWM:")?,
         })
+    }
+}
+
+impl BrokerProcess {
+    /// User plus system CPU time of the broker so far, all threads, at clock-tick resolution.
+    fn cpu_time(&self) -> Result<Duration> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        // Fields after the parenthesised command name, which may itself contain spaces.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow!("malformed {path}"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse().ok())
+                .ok_or_else(|| anyhow!("malformed {path}"))
+        };
+        // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+        let total = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
     }
 }
 
@@ -850,6 +882,11 @@ impl FlowResult {
             value,
             note: (!notes.is_empty()).then(|| notes.join(", ")),
         }
+    }
+
+    /// Broker CPU time (user + system, all threads) per delivered message, in µs.
+    fn cpu_measure(&self, cpu: Duration) -> Measure {
+        Measure::plain(cpu.as_secs_f64() * 1e6 / self.delivered as f64)
     }
 }
 

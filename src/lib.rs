@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod outbox;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -107,6 +107,10 @@ use recovery::{Entry, segment_path};
 /// 4 KiB-page medium; the price is up to half a second before a producer's acknowledgement.
 pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(500);
 
+/// Default early-commit threshold. A commit rewrites the partly filled page left by the
+/// previous one, so a batch of at least two pages keeps writes under 1.5 times the records.
+pub const DEFAULT_COMMIT_BYTES: usize = 8 * 1024;
+
 /// Settings of one outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -131,7 +135,7 @@ impl Default for OutboxConfig {
         OutboxConfig {
             segment_bytes: 8 * 1024 * 1024,
             commit_delay: DEFAULT_COMMIT_DELAY,
-            commit_bytes: 64 * 1024,
+            commit_bytes: DEFAULT_COMMIT_BYTES,
             ack_commit_delay: Duration::from_secs(2),
             max_bytes: 256 * 1024 * 1024,
             max_age: None,

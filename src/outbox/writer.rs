@@ -63,6 +63,14 @@ struct Placed {
     frame: Option<(u64, u32)>,
 }
 
+fn encode_removal(buf: &mut Vec<u8>, (first, last, reason): (u64, u64, Option<DropReason>)) {
+    let body = match reason {
+        None => Body::Ack(first, last),
+        Some(r) => Body::Drop(first, last, r),
+    };
+    format::encode(buf, &body);
+}
+
 fn io_copy(e: &std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), e.to_string())
 }
@@ -132,32 +140,17 @@ impl Writer {
         }
     }
 
-    /// Encodes the batch; acknowledgements and drops of consecutive ids become one range.
+    /// Encodes the batch. Removals (acks, drops) always concern records committed by an
+    /// earlier batch, so they go last, sorted and merged into ranges: a few bytes per batch.
     fn encode(ops: Vec<Op>) -> (Vec<u8>, Vec<Placed>) {
         let mut buf = Vec::new();
         let mut placed = Vec::with_capacity(ops.len());
-        let mut run: Option<(u64, u64, Option<DropReason>)> = None;
-        let flush_run = |buf: &mut Vec<u8>, run: &mut Option<(u64, u64, Option<DropReason>)>| {
-            if let Some((first, last, reason)) = run.take() {
-                let body = match reason {
-                    None => Body::Ack(first, last),
-                    Some(r) => Body::Drop(first, last, r),
-                };
-                format::encode(buf, &body);
-            }
-        };
+        let mut removed: Vec<(u64, Option<DropReason>)> = Vec::new();
         for op in ops {
             if let Op::Removed { id, reason } = op {
-                match &mut run {
-                    Some((_, last, r)) if *r == reason && *last + 1 == id => *last = id,
-                    _ => {
-                        flush_run(&mut buf, &mut run);
-                        run = Some((id, id, reason));
-                    }
-                }
+                removed.push((id, reason));
                 continue;
             }
-            flush_run(&mut buf, &mut run);
             let mut frame = None;
             match &op {
                 Op::Append {
@@ -189,7 +182,21 @@ impl Writer {
             }
             placed.push(Placed { op, frame });
         }
-        flush_run(&mut buf, &mut run);
+        removed.sort_unstable_by_key(|(id, _)| *id);
+        let mut run: Option<(u64, u64, Option<DropReason>)> = None;
+        for (id, reason) in removed {
+            match &mut run {
+                Some((_, last, r)) if *r == reason && *last + 1 == id => *last = id,
+                _ => {
+                    if let Some(done) = run.replace((id, id, reason)) {
+                        encode_removal(&mut buf, done);
+                    }
+                }
+            }
+        }
+        if let Some(done) = run {
+            encode_removal(&mut buf, done);
+        }
         (buf, placed)
     }
 

@@ -5,6 +5,7 @@
 //! [`run`] wires the stages together; `main.rs` only parses the command line.
 
 pub mod config;
+pub mod outbox;
 
 pub mod ingest;
 

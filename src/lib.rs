@@ -5,7 +5,6 @@
 //! [`run`] wires the stages together; `main.rs` only parses the command line.
 
 pub mod config;
-pub mod outbox;
 
 pub mod ingest;
 
@@ -16,6 +15,8 @@ pub mod registry;
 pub mod map;
 
 pub mod broker;
+
+pub mod outbox;
 
 mod pipeline;
 

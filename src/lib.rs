@@ -18,6 +18,8 @@ pub mod broker;
 
 pub mod outbox;
 
+pub mod uplink;
+
 mod pipeline;
 
 use std::future::Future;
@@ -43,6 +45,10 @@ pub enum Error {
     PasswordFile { path: PathBuf, message: String },
     #[error("the broker stopped while the gateway was starting")]
     Stopped,
+    #[error("cannot open the outbox: {message}")]
+    Outbox { message: String },
+    #[error("upstream: {message}")]
+    Upstream { message: String },
 }
 
 /// A running gateway, as returned by [`start`]: its addresses and a handle to stop it.
@@ -52,6 +58,14 @@ pub struct Gateway {
     stop_ports: tokio::sync::watch::Sender<bool>,
     pipeline: tokio::task::JoinHandle<()>,
     mapping: tokio::sync::watch::Sender<std::sync::Arc<map::Mapping>>,
+    uplink: Option<RunningUplink>,
+}
+
+struct RunningUplink {
+    stats: std::sync::Arc<uplink::UplinkStats>,
+    outbox: outbox::Outbox,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Gateway {
@@ -78,8 +92,18 @@ impl Gateway {
         let _ = self.mapping.send(std::sync::Arc::new(mapping));
     }
 
-    /// Stops sources first (ports), lets the pipeline drain, then stops the broker, which
-    /// saves its state.
+    /// The uplink's counters, when an upstream is configured.
+    pub fn uplink_stats(&self) -> Option<std::sync::Arc<uplink::UplinkStats>> {
+        self.uplink.as_ref().map(|u| u.stats.clone())
+    }
+
+    /// The outbox, when an upstream is configured.
+    pub fn outbox(&self) -> Option<&outbox::Outbox> {
+        self.uplink.as_ref().map(|u| &u.outbox)
+    }
+
+    /// Stops sources first (ports), lets the pipeline drain, stops the broker (which saves its
+    /// state), then the uplink, and commits the outbox.
     pub async fn shutdown(self) {
         let _ = self.stop_ports.send(true);
         for port in self.ports {
@@ -87,6 +111,13 @@ impl Gateway {
         }
         let _ = self.pipeline.await;
         self.broker.shutdown().await;
+        if let Some(u) = self.uplink {
+            let _ = u.stop.send(true);
+            let _ = u.task.await;
+            if let Err(e) = u.outbox.close().await {
+                tracing::error!("closing the outbox: {e}");
+            }
+        }
     }
 }
 
@@ -96,7 +127,73 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         path: config.data_dir.clone(),
         source,
     })?;
-    let broker = broker::Broker::start(&config).await?;
+    // broker → outbox → uplink, when an upstream is configured
+    let mut uplink_parts = None;
+    let forward = match &config.upstream {
+        Some(up) => {
+            let dir = config.data_dir.join("outbox");
+            let (outbox, report) = outbox::Outbox::open(&dir, config.outbox.config.clone())
+                .map_err(|e| Error::Outbox {
+                    message: e.to_string(),
+                })?;
+            if report.corrupt_skipped > 0 || report.torn_tail_bytes > 0 {
+                tracing::warn!(
+                    corrupt_skipped = report.corrupt_skipped,
+                    torn_tail_bytes = report.torn_tail_bytes,
+                    "the outbox was damaged (power loss?); the damaged records were skipped and the rest will be delivered"
+                );
+            }
+            tracing::info!(pending = report.pending, dir = %dir.display(), "outbox open");
+            let password = upstream_password(up)?;
+            let tls = if up.endpoint.tls {
+                Some(uplink::tls_config(up).map_err(|message| Error::Upstream { message })?)
+            } else {
+                None
+            };
+            let stats = std::sync::Arc::new(uplink::UplinkStats::default());
+            let (live_tx, live_rx) = tokio::sync::mpsc::channel(uplink::LIVE_QUEUE);
+            let forward = std::sync::Arc::new(uplink::Forward {
+                out: up.out.clone(),
+                inbound: up.inbound.clone(),
+                outbox: outbox.clone(),
+                store_qos0: config.outbox.store_qos0,
+                live: live_tx,
+                stats: stats.clone(),
+            });
+            uplink_parts = Some((
+                up.clone(),
+                outbox,
+                forward.clone(),
+                live_rx,
+                stats,
+                password,
+                tls,
+            ));
+            Some(forward)
+        }
+        None => None,
+    };
+    let broker = broker::Broker::start(&config, forward).await?;
+    let uplink = uplink_parts.map(|(up, outbox, forward, live, stats, password, tls)| {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = uplink::Uplink {
+            config: up,
+            outbox: outbox.clone(),
+            forward,
+            broker: broker.handle(),
+            live,
+            stats: stats.clone(),
+            password,
+            tls,
+        };
+        let task = tokio::spawn(task.run(stop_rx));
+        RunningUplink {
+            stats,
+            outbox,
+            stop,
+            task,
+        }
+    });
 
     // ingest → decode (in each port task) → pipeline: dedupe, registry, map → broker
     let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(ingest::INBOUND_QUEUE);
@@ -143,12 +240,32 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         .map_err(|_| Error::Stopped)?;
     let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx, commands));
     Ok(Gateway {
+        uplink,
         broker,
         ports,
         stop_ports,
         pipeline,
         mapping: mapping_tx,
     })
+}
+
+/// The upstream password from its file or environment variable; never logged.
+fn upstream_password(up: &config::UpstreamConfig) -> Result<Option<String>, Error> {
+    match &up.password {
+        None => Ok(None),
+        Some(config::Password::File(path)) => std::fs::read_to_string(path)
+            .map(|t| Some(t.lines().next().unwrap_or("").to_string()))
+            .map_err(|e| Error::Upstream {
+                message: format!("cannot read the password file {}: {e}", path.display()),
+            }),
+        Some(config::Password::Env(var)) => {
+            std::env::var(var).map(Some).map_err(|_| Error::Upstream {
+                message: format!(
+                    "the environment variable {var} (upstream.password-env) is not set"
+                ),
+            })
+        }
+    }
 }
 
 fn random_u32() -> u32 {

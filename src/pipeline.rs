@@ -139,6 +139,7 @@ impl Pipeline {
                         });
                     }
                 }
+                let mut durable = Vec::with_capacity(readings.len());
                 for mut reading in readings {
                     if reading.quantity.is_none() {
                         if let Some(info) = known.get(&reading.channel) {
@@ -149,19 +150,27 @@ impl Pipeline {
                     let Some(p) = self.mapping.map(&port, &node, &reading, facts) else {
                         continue;
                     };
-                    if self
+                    match self
                         .broker
-                        .publish(p.topic, p.payload, p.qos, p.retain)
+                        .publish_durable(p.topic, p.payload, p.qos, p.retain)
                         .await
-                        .is_err()
                     {
-                        return false;
+                        Ok(done) => durable.push(done),
+                        Err(_) => return false,
                     }
                 }
-                // Published in order into the broker; the outbox (when configured) makes this
-                // durable before the ack.
+                // Published in order into the broker. The node's ack waits until every reading
+                // of the frame is durable in the outbox (invariant 1); until then the node keeps
+                // the frame and retransmits it, and dedupe keeps that exactly once.
                 if let Some(frame) = frame {
-                    let _ = reply.try_send(Downlink::Ack { node, frame });
+                    tokio::spawn(async move {
+                        for done in durable {
+                            if !matches!(done.await, Ok(true)) {
+                                return;
+                            }
+                        }
+                        let _ = reply.send(Downlink::Ack { node, frame }).await;
+                    });
                 }
             }
             Body::Log { level, text } => {

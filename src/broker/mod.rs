@@ -32,7 +32,7 @@ use crate::config::ValidConfig;
 use codec::QoS;
 pub use persist::FILE_NAME as SNAPSHOT_FILE;
 pub use router::InternalMessage;
-use router::{Command, Router, RouterConfig};
+use router::{Command, Origin, Router, RouterConfig};
 
 /// Commands waiting for the router. Large enough to absorb a burst from many publishers;
 /// when full, publishers wait (TCP backpressure) rather than the router dropping anything.
@@ -88,6 +88,51 @@ impl BrokerHandle {
             payload: payload.into(),
             qos,
             retain,
+            origin: Origin::Gateway,
+            done: None,
+        };
+        self.tx.send(cmd).await.map_err(|_| Stopped)
+    }
+
+    /// Publishes like [`publish`](Self::publish); the returned receiver says `true` once the
+    /// message is durable where it must be (the outbox, when an out-rule forwards it) and
+    /// `false` if it could not be stored. This is what a node's acknowledgement waits for.
+    pub async fn publish_durable(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<oneshot::Receiver<bool>, Stopped> {
+        let (done, rx) = oneshot::channel();
+        let cmd = Command::Publish {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+            origin: Origin::Gateway,
+            done: Some(done),
+        };
+        self.tx.send(cmd).await.map_err(|_| Stopped)?;
+        Ok(rx)
+    }
+
+    /// A message from the upstream broker (`in` rules): published locally, never forwarded
+    /// back upstream.
+    pub async fn publish_from_upstream(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), Stopped> {
+        let cmd = Command::Publish {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+            origin: Origin::Upstream,
+            done: None,
         };
         self.tx.send(cmd).await.map_err(|_| Stopped)
     }
@@ -115,7 +160,10 @@ impl BrokerHandle {
 
 impl Broker {
     /// Restores state, binds every listener and starts serving.
-    pub async fn start(config: &ValidConfig) -> Result<Broker, crate::Error> {
+    pub async fn start(
+        config: &ValidConfig,
+        forward: Option<Arc<crate::uplink::Forward>>,
+    ) -> Result<Broker, crate::Error> {
         let b = &config.broker;
         let passwords = match &b.password_file {
             Some(path) => Some(Arc::new(auth::PasswordFile::load(path).map_err(|e| {
@@ -163,12 +211,13 @@ impl Broker {
                 max_queued: b.max_queued,
                 sys_interval: b.sys_interval,
                 snapshot_interval: b.snapshot_interval,
+                forward,
             },
             stats.clone(),
             store,
             snapshot,
         );
-        let router = tokio::spawn(router.run(rx));
+        let router = tokio::spawn(router.run(rx, tx.downgrade()));
 
         let shared = Arc::new(connection::Shared {
             router: tx.clone(),

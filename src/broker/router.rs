@@ -4,7 +4,7 @@
 //! `try_send`s into bounded per-connection queues) nor the disk (snapshots go to the store
 //! thread), so one slow client or a slow SD card cannot stall the others (invariants 5 and 6).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -58,12 +58,22 @@ pub enum Command {
         conn: ConnId,
         graceful: bool,
     },
-    /// A message from inside the gateway (ingest, `$SYS`).
+    /// A message from inside the gateway (ingest, `$SYS`, the uplink's `in` rules).
     Publish {
         topic: String,
         payload: Bytes,
         qos: QoS,
         retain: bool,
+        origin: Origin,
+        /// Told `true` once the message is durable where it has to be (the outbox, when an
+        /// out-rule forwards it), `false` if it could not be stored.
+        done: Option<oneshot::Sender<bool>>,
+    },
+    /// The outbox committed (or failed to commit) what acknowledgement `token` of `conn` waits for.
+    Durable {
+        conn: ConnId,
+        token: u64,
+        ok: bool,
     },
     /// An in-process subscriber (the pipeline's command topics): live messages only.
     SubscribeInternal {
@@ -74,6 +84,24 @@ pub enum Command {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// Where an in-process message comes from; messages from upstream are never forwarded back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Gateway,
+    Upstream,
+}
+
+/// Completes with `true` once the outbox committed a forwarded message.
+type Durability = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + std::marker::Send>>;
+
+/// Acknowledgements of one connection that wait for the outbox, kept in the order the
+/// packets arrived [MQTT-4.6.0-2].
+#[derive(Default)]
+struct AckQueue {
+    next: u64,
+    items: VecDeque<(u64, Send, bool)>,
 }
 
 /// A message delivered to an in-process subscriber.
@@ -106,6 +134,8 @@ pub struct RouterConfig {
     pub max_queued: usize,
     pub sys_interval: Duration,
     pub snapshot_interval: Duration,
+    /// Out-rules and the outbox, when an uplink is configured.
+    pub forward: Option<Arc<crate::uplink::Forward>>,
 }
 
 pub struct Router {
@@ -126,6 +156,9 @@ pub struct Router {
     matches: Vec<(SessionKey, QoS)>,
     sends: Vec<Send>,
     internal: Vec<(String, mpsc::Sender<InternalMessage>)>,
+    acks: HashMap<ConnId, AckQueue>,
+    /// For tasks that report outbox commits back to this router.
+    self_tx: Option<mpsc::WeakSender<Command>>,
 }
 
 impl Router {
@@ -151,8 +184,11 @@ impl Router {
             matches: Vec::new(),
             sends: Vec::new(),
             internal: Vec::new(),
+            acks: HashMap::new(),
+            self_tx: None,
         };
         router.restore(snapshot);
+        router.restore_qos2_from_outbox();
         router
     }
 
@@ -182,8 +218,44 @@ impl Router {
         self.update_client_counts();
     }
 
+    /// The inbound QoS 2 packet ids committed with outbox records are newer than (or as new as)
+    /// the snapshot's, and consistent with the records: they win. A session the snapshot
+    /// missed (crash right after it was created) is recreated from them.
+    fn restore_qos2_from_outbox(&mut self) {
+        let Some(forward) = self.config.forward.clone() else {
+            return;
+        };
+        for (key, value) in forward.outbox.states() {
+            let Some(client) = key.strip_prefix(QOS2_STATE_PREFIX) else {
+                continue;
+            };
+            let ids = qos2_ids(&value);
+            let session = match self.by_client.get(client) {
+                Some(&k) => k,
+                None => {
+                    let state = SessionState::new(
+                        client.to_string(),
+                        false,
+                        self.config.max_inflight,
+                        self.config.max_queued,
+                    );
+                    self.insert_entry(Entry { state, link: None })
+                }
+            };
+            if let Some(e) = self.entry(session) {
+                e.state.inbound_qos2 = ids.into_iter().collect();
+            }
+        }
+        self.update_client_counts();
+    }
+
     /// Runs until a `Shutdown` command or until every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        self_tx: mpsc::WeakSender<Command>,
+    ) {
+        self.self_tx = Some(self_tx);
         let mut batch = Vec::with_capacity(256);
         let mut sys = tokio::time::interval(self.config.sys_interval);
         sys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -275,13 +347,35 @@ impl Router {
                 payload,
                 qos,
                 retain,
+                origin,
+                done,
             } => {
-                if topic::validate_topic(&topic) {
-                    self.publish(Arc::new(Message { topic, payload }), qos, retain);
-                } else {
+                if !topic::validate_topic(&topic) {
                     tracing::warn!(%topic, "in-process publish to an invalid topic dropped");
+                    if let Some(d) = done {
+                        let _ = d.send(false);
+                    }
+                    return;
+                }
+                let msg = Arc::new(Message { topic, payload });
+                self.publish(msg.clone(), qos, retain);
+                let wait = match origin {
+                    Origin::Gateway => self.forward(&msg, qos, retain, None),
+                    Origin::Upstream => None,
+                };
+                match (done, wait) {
+                    (Some(d), Some(w)) => {
+                        tokio::spawn(async move {
+                            let _ = d.send(w.await);
+                        });
+                    }
+                    (Some(d), None) => {
+                        let _ = d.send(true);
+                    }
+                    (None, _) => {}
                 }
             }
+            Command::Durable { conn, token, ok } => self.on_durable(conn, token, ok),
             Command::SubscribeInternal { filter, tx } => self.internal.push((filter, tx)),
             Command::Shutdown { done } => {
                 let _ = done.send(());
@@ -415,6 +509,7 @@ impl Router {
     }
 
     fn on_closed(&mut self, conn: ConnId, graceful: bool) {
+        self.acks.remove(&conn);
         let Some(key) = self.by_conn.remove(&conn) else {
             return;
         };
@@ -443,7 +538,129 @@ impl Router {
             topic: will.topic,
             payload: will.payload,
         });
-        self.publish(msg, will.qos, will.retain);
+        self.publish(msg.clone(), will.qos, will.retain);
+        // Nobody waits for a will's durability; the outbox commits it with the next batch.
+        drop(self.forward(&msg, will.qos, will.retain, None));
+    }
+
+    /// Appends a message an out-rule selects to the outbox; the future completes when it is
+    /// durable. `state` is committed atomically with it (inbound QoS 2 packet ids).
+    fn forward(
+        &mut self,
+        msg: &Message,
+        qos: QoS,
+        retain: bool,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Option<Durability> {
+        let forward = self.forward_config()?;
+        let record = forward.record_for(&msg.topic, &msg.payload, qos, retain)?;
+        if record.qos == crate::outbox::Qos::AtMostOnce && !forward.store_qos0 {
+            forward.send_live(record);
+            return None;
+        }
+        let ticket = match &state {
+            Some((k, v)) => forward
+                .outbox
+                .append_with_state(record, &[(k.as_str(), v.as_slice())]),
+            None => forward.outbox.append(record),
+        };
+        let f = forward.clone();
+        Some(Box::pin(async move { f.settle(ticket.await) }))
+    }
+
+    fn forward_config(&self) -> Option<Arc<crate::uplink::Forward>> {
+        self.config.forward.clone()
+    }
+
+    /// Sends `send` now, or after the acknowledgements queued before it and after `wait`.
+    fn queue_ack(
+        &mut self,
+        key: SessionKey,
+        send: Send,
+        wait: Option<Durability>,
+        sends: &mut Vec<Send>,
+    ) {
+        let Some(conn) = self
+            .entry(key)
+            .and_then(|e| e.link.as_ref().map(|l| l.conn))
+        else {
+            return;
+        };
+        let queue = self.acks.entry(conn).or_default();
+        if wait.is_none() && queue.items.is_empty() {
+            sends.push(send);
+            return;
+        }
+        let token = queue.next;
+        queue.next += 1;
+        queue.items.push_back((token, send, wait.is_none()));
+        if let Some(wait) = wait {
+            self.report_when_durable(conn, token, wait);
+        }
+    }
+
+    fn report_when_durable(&self, conn: ConnId, token: u64, wait: Durability) {
+        let Some(tx) = self.self_tx.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let ok = wait.await;
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Durable { conn, token, ok }).await;
+            }
+        });
+    }
+
+    /// Makes the acknowledgement just produced (the last in `sends` or the queue) also wait
+    /// for `wait`.
+    fn hold_last(&mut self, conn: ConnId, wait: Durability, sends: &mut Vec<Send>) {
+        let queue = self.acks.entry(conn).or_default();
+        let send = match queue.items.back() {
+            Some(_) => queue.items.pop_back().map(|i| i.1),
+            None => sends.pop(),
+        };
+        let Some(send) = send else { return };
+        let token = queue.next;
+        queue.next += 1;
+        queue.items.push_back((token, send, false));
+        self.report_when_durable(conn, token, wait);
+    }
+
+    fn on_durable(&mut self, conn: ConnId, token: u64, ok: bool) {
+        let Some(&key) = self.by_conn.get(&conn) else {
+            self.acks.remove(&conn);
+            return;
+        };
+        if !ok {
+            // Not stored (disk full, I/O error): no acknowledgement, so the client keeps the
+            // message; closing the connection makes it resend once it reconnects.
+            tracing::error!(
+                conn,
+                "the outbox could not store a message; closing the connection so its client retries"
+            );
+            self.acks.remove(&conn);
+            if let Some(link) = self.entry(key).and_then(|e| e.link.as_mut()) {
+                if let Some(k) = link.kill.take() {
+                    let _ = k.send(());
+                }
+            }
+            return;
+        }
+        let mut ready = Vec::new();
+        if let Some(q) = self.acks.get_mut(&conn) {
+            if let Some(item) = q.items.iter_mut().find(|i| i.0 == token) {
+                item.2 = true;
+            }
+            while q.items.front().is_some_and(|i| i.2) {
+                if let Some((_, send, _)) = q.items.pop_front() {
+                    ready.push(send);
+                }
+            }
+        }
+        let mut sends = std::mem::take(&mut self.sends);
+        sends.extend(ready);
+        self.flush_sends(key, &mut sends);
+        self.sends = sends;
     }
 
     fn on_packet(&mut self, key: SessionKey, packet: Packet) {
@@ -461,24 +678,30 @@ impl Router {
                     ..
                 } = p;
                 let route = match qos {
-                    QoS::AtMostOnce => true,
-                    QoS::AtLeastOnce => {
-                        sends.push(Send::PubAck(pkid));
-                        true
-                    }
-                    QoS::ExactlyOnce => {
-                        let new = self
-                            .entry(key)
-                            .is_some_and(|e| e.state.on_inbound_qos2(pkid));
-                        sends.push(Send::PubRec(pkid));
-                        new
-                    }
+                    QoS::ExactlyOnce => self
+                        .entry(key)
+                        .is_some_and(|e| e.state.on_inbound_qos2(pkid)),
+                    _ => true,
                 };
+                let mut wait = None;
                 if route {
                     // The decoded payload is a slice of the connection's read buffer; copy it so
                     // a retained or queued message does not pin a whole read chunk.
                     let payload = Bytes::copy_from_slice(&payload);
-                    self.publish(Arc::new(Message { topic, payload }), qos, retain);
+                    let msg = Arc::new(Message { topic, payload });
+                    self.publish(msg.clone(), qos, retain);
+                    // Invariant 1: the acknowledgement waits for the outbox commit; for QoS 2
+                    // the packet ids answered with PUBREC are committed with the record
+                    // (invariant 3), so a resend after a crash is recognised.
+                    let state = (persistent && qos == QoS::ExactlyOnce)
+                        .then(|| self.entry(key).map(|e| qos2_state(&e.state)))
+                        .flatten();
+                    wait = self.forward(&msg, qos, retain, state);
+                }
+                match qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => self.queue_ack(key, Send::PubAck(pkid), wait, &mut sends),
+                    QoS::ExactlyOnce => self.queue_ack(key, Send::PubRec(pkid), wait, &mut sends),
                 }
                 if persistent && qos == QoS::ExactlyOnce {
                     self.dirty = true;
@@ -500,8 +723,34 @@ impl Router {
                 }
             }
             Packet::PubRel(pkid) => {
+                let mut released = Vec::new();
+                let mut state = None;
                 if let Some(e) = self.entry(key) {
-                    e.state.on_pubrel(pkid, &mut sends);
+                    e.state.on_pubrel(pkid, &mut released);
+                    if persistent {
+                        state = Some(qos2_state(&e.state));
+                    }
+                }
+                // The id leaves the durable set before PUBCOMP, or after a crash a new message
+                // reusing the id would look like a resend and be dropped.
+                let wait = match (state, self.forward_config()) {
+                    (Some((k, v)), Some(f)) if f.outbox.state(&k).is_some() => {
+                        let ticket = f.outbox.put_state(&k, &v);
+                        let w: Durability = Box::pin(async move { ticket.await.is_ok() });
+                        Some(w)
+                    }
+                    _ => None,
+                };
+                for send in released {
+                    self.queue_ack(key, send, None, &mut sends);
+                }
+                if let Some(w) = wait {
+                    if let Some(conn) = self
+                        .entry(key)
+                        .and_then(|e| e.link.as_ref().map(|l| l.conn))
+                    {
+                        self.hold_last(conn, w, &mut sends);
+                    }
                 }
             }
             Packet::Subscribe(s) => {
@@ -836,4 +1085,23 @@ fn publish_head(msg: &Message, qos: QoS, pkid: u16, dup: bool, retain: bool) -> 
     let mut buf = BytesMut::with_capacity(msg.topic.len() + 8);
     codec::encode_publish_head(&p, &mut buf);
     buf.freeze()
+}
+
+/// Outbox state keys of inbound QoS 2 packet ids start with this, then the client id.
+pub const QOS2_STATE_PREFIX: &str = "qos2/";
+
+/// The outbox state key and value holding a persistent session's inbound QoS 2 packet ids.
+pub fn qos2_state(state: &SessionState) -> (String, Vec<u8>) {
+    let mut ids: Vec<u16> = state.inbound_qos2.iter().copied().collect();
+    ids.sort_unstable();
+    let value = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    (format!("{QOS2_STATE_PREFIX}{}", state.client_id), value)
+}
+
+/// The packet ids a `qos2/<client>` state value holds.
+pub fn qos2_ids(value: &[u8]) -> Vec<u16> {
+    value
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }

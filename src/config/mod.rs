@@ -5,6 +5,7 @@
 
 mod duration;
 mod locate;
+mod upstream;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,6 +21,10 @@ use crate::map::{
 };
 
 pub use duration::parse_duration;
+pub use upstream::{
+    Backlog, Endpoint, InRule, OutRule, OutboxSettings, Password, RawOutbox, RawUpstream,
+    UpstreamConfig, parse_size,
+};
 
 /// The raw file, as serde reads it. Validation turns it into a [`ValidConfig`].
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +46,10 @@ pub struct RawConfig {
     pub node: Vec<RawNode>,
     #[serde(default)]
     pub mapping: RawMapping,
+    /// The broker to forward to; absent: no uplink.
+    pub upstream: Option<RawUpstream>,
+    #[serde(default)]
+    pub outbox: RawOutbox,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +171,8 @@ pub struct ValidConfig {
     pub broker: BrokerConfig,
     pub ports: Vec<PortConfig>,
     pub mapping: Mapping,
+    pub upstream: Option<UpstreamConfig>,
+    pub outbox: OutboxSettings,
 }
 
 /// One serial port to read.
@@ -417,11 +428,18 @@ impl Validator<'_> {
 
         let ports = self.ports(&raw.port)?;
         let mapping = self.mapping(&gateway_id, &raw.node, &raw.mapping, &ports)?;
+        let upstream = match &raw.upstream {
+            Some(u) => Some(self.upstream(u, &gateway_id)?),
+            None => None,
+        };
+        let outbox = self.outbox(&raw.outbox)?;
 
         Ok(ValidConfig {
             source,
             ports,
             mapping,
+            upstream,
+            outbox,
             gateway_id,
             data_dir,
             log_level: raw.log.level,

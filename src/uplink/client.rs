@@ -1,0 +1,244 @@
+//! The upstream connection: TCP or TLS (rustls), MQTT 3.1.1 framed with the project's codec.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+
+use crate::broker::codec::{
+    self, ConnAck, Connect, ConnectReturnCode, LastWill, Packet, ProtocolLevel, QoS,
+};
+use crate::config::UpstreamConfig;
+
+/// Largest packet accepted from the upstream.
+const MAX_PACKET: usize = 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// An established MQTT connection to the upstream broker.
+pub struct Connection {
+    io: BufWriter<Box<dyn Stream>>,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+/// Why a connection attempt failed; `is_permanent` failures will not fix themselves by retrying
+/// soon (credentials, certificates), so the uplink waits longer between them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot reach {addr}: {source}")]
+    Network {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS handshake with {host} failed: {source} (check `ca-file`, the server name and the clock)"
+    )]
+    Tls {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("the upstream refused the connection: {0}")]
+    Refused(&'static str),
+    #[error("the upstream did not answer CONNECT in time")]
+    Timeout,
+    #[error("the upstream broke the protocol: {0}")]
+    Protocol(String),
+}
+
+impl ConnectError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ConnectError::Refused(_) | ConnectError::Tls { .. })
+    }
+}
+
+fn refusal(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::Accepted => "accepted",
+        ConnectReturnCode::UnacceptableProtocolVersion => "it does not speak MQTT 3.1.1",
+        ConnectReturnCode::IdentifierRejected => "client id rejected (set `client-id`)",
+        ConnectReturnCode::ServerUnavailable => "server unavailable",
+        ConnectReturnCode::BadUsernameOrPassword => "bad user name or password",
+        ConnectReturnCode::NotAuthorized => "not authorised",
+    }
+}
+
+/// Connects, sends CONNECT (with the `offline` will on the status topic) and waits for CONNACK.
+/// Returns the connection and the session-present flag.
+pub async fn connect(
+    config: &UpstreamConfig,
+    password: Option<&str>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<(Connection, bool), ConnectError> {
+    let attempt = async {
+        let addr = format!("{}:{}", config.endpoint.host, config.endpoint.port);
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| ConnectError::Network {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn Stream> = match tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(config.endpoint.host.clone())
+                    .map_err(|e| ConnectError::Tls {
+                        host: config.endpoint.host.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                let connector = tokio_rustls::TlsConnector::from(tls);
+                let s = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|source| ConnectError::Tls {
+                        host: config.endpoint.host.clone(),
+                        source,
+                    })?;
+                Box::new(s)
+            }
+            None => Box::new(tcp),
+        };
+        let mut conn = Connection {
+            io: BufWriter::new(stream),
+            buf: BytesMut::with_capacity(8192),
+            out: BytesMut::new(),
+        };
+        let connect = Connect {
+            protocol: ProtocolLevel::V311,
+            clean_session: !config.persistent_session,
+            keep_alive: u16::try_from(config.keep_alive.as_secs()).unwrap_or(u16::MAX),
+            client_id: config.client_id.clone(),
+            will: Some(LastWill {
+                topic: config.status_topic.clone(),
+                payload: Bytes::from_static(b"offline"),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+            }),
+            username: config.username.clone(),
+            password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+        };
+        let network = |e: std::io::Error| ConnectError::Network {
+            addr: addr.clone(),
+            source: e,
+        };
+        conn.send(&Packet::Connect(connect))
+            .await
+            .map_err(network)?;
+        conn.flush().await.map_err(network)?;
+        match conn.recv().await {
+            Ok(Some(Packet::ConnAck(ConnAck {
+                session_present,
+                code: ConnectReturnCode::Accepted,
+            }))) => Ok((conn, session_present)),
+            Ok(Some(Packet::ConnAck(ConnAck { code, .. }))) => {
+                Err(ConnectError::Refused(refusal(code)))
+            }
+            Ok(Some(other)) => Err(ConnectError::Protocol(format!(
+                "expected CONNACK, got {other:?}"
+            ))),
+            Ok(None) => Err(ConnectError::Protocol("closed before CONNACK".into())),
+            Err(e) => Err(ConnectError::Protocol(e.to_string())),
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+}
+
+impl Connection {
+    /// Buffers a packet; written on [`flush`](Self::flush) or when the buffer fills.
+    pub async fn send(&mut self, packet: &Packet) -> std::io::Result<()> {
+        self.out.clear();
+        codec::encode(packet, &mut self.out);
+        self.io.write_all(&self.out).await
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        self.io.flush().await
+    }
+
+    /// The next packet; `None` when the upstream closed the connection. Cancel-safe: bytes
+    /// read stay in the buffer.
+    pub async fn recv(&mut self) -> std::io::Result<Option<Packet>> {
+        loop {
+            match codec::decode(&mut self.buf, MAX_PACKET) {
+                Ok(Some(p)) => return Ok(Some(p)),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ));
+                }
+            }
+            self.io.flush().await?;
+            let n = self.io.get_mut().read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Builds the rustls configuration: the CA file or the system roots, and the client
+/// certificate for mutual TLS.
+pub fn tls_config(config: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read ca-file {}: {e}", path.display()))?;
+            let mut found = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("ca-file {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca-file {}: {e}", path.display()))?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(format!(
+                    "ca-file {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err("no system certificate authorities found; set `ca-file`".into());
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match &config.client_cert {
+        Some((cert_path, key_path)) => {
+            let pem = std::fs::read(cert_path)
+                .map_err(|e| format!("cannot read client-cert {}: {e}", cert_path.display()))?;
+            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("client-cert {}: {e}", cert_path.display()))?;
+            let pem = std::fs::read(key_path)
+                .map_err(|e| format!("cannot read client-key {}: {e}", key_path.display()))?;
+            let key = rustls_pemfile::private_key(&mut pem.as_slice())
+                .map_err(|e| format!("client-key {}: {e}", key_path.display()))?
+                .ok_or_else(|| format!("client-key {} holds no private key", key_path.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}

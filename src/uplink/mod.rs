@@ -1,0 +1,571 @@
+//! The uplink: delivers outbox records to the upstream broker, and brings subscribed upstream
+//! topics into the local broker.
+//!
+//! ```text
+//!  router ──append──▶ outbox (disk) ──cursor──▶ uplink ──PUBLISH──▶ upstream broker
+//!     ▲                   ▲  ack / released         │◀──PUBACK/PUBREC/PUBCOMP──┘
+//!     └── in-rules ◀──────┴──────────────────────── │◀──PUBLISH (commands)
+//! ```
+//!
+//! Exactly once for QoS 2 (invariant 3): a record's packet id is committed to the outbox before
+//! its first PUBLISH and never changes; PUBREC is committed as "released" before PUBREL goes out;
+//! after a restart released records resume with PUBREL only and the others are resent with
+//! DUP=1 under the same id. A record leaves the outbox only on PUBACK (QoS 1) or PUBCOMP (QoS 2)
+//! (invariant 2). The MQTT client is the project's own codec over TCP or rustls, not rumqttc:
+//! rumqttc answers PUBREC with PUBREL inside its event loop, before the released state can be
+//! made durable, which would break the ordering above.
+
+mod client;
+mod rules;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::broker::BrokerHandle;
+use crate::broker::codec::{Packet, Publish, QoS, SubAckCode};
+use crate::config::{Backlog, UpstreamConfig};
+use crate::outbox::{AppendError, Outbox, Pending, Qos, Record};
+pub use client::{ConnectError, Connection, connect, tls_config};
+pub use rules::Forward;
+
+/// Records read from the outbox per batch.
+const READ_BATCH: usize = 256;
+/// QoS 0 messages waiting for the link when they are not stored (`store-qos0 = false`).
+pub const LIVE_QUEUE: usize = 1024;
+/// Packet ids the uplink keeps for itself (presence and subscriptions); records use the rest.
+const STATUS_PKID: u16 = u16::MAX;
+const SUBSCRIBE_PKID: u16 = u16::MAX - 1;
+
+/// Counters and state of the uplink, for `$SYS` and the status topic.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub delivered: AtomicU64,
+    pub superseded: AtomicU64,
+    pub live_dropped: AtomicU64,
+    pub incoming: AtomicU64,
+    /// Why the last attempt failed, for `sensorgate status`.
+    pub last_error: std::sync::Mutex<String>,
+}
+
+/// One record on its way: where it stands with the upstream.
+#[derive(Debug, Clone)]
+struct InFlight {
+    id: u64,
+    qos: Qos,
+    released: bool,
+}
+
+pub struct Uplink {
+    pub config: UpstreamConfig,
+    pub outbox: Outbox,
+    pub forward: Arc<Forward>,
+    pub broker: BrokerHandle,
+    pub live: mpsc::Receiver<Record>,
+    pub stats: Arc<UplinkStats>,
+    pub password: Option<String>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+enum Ended {
+    Stop,
+    Lost(String),
+}
+
+impl Uplink {
+    /// Runs until `stop` turns true: connects, delivers, reconnects with backoff and jitter.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = self.config.reconnect_min;
+        let mut last_error = String::new();
+        let mut first = true;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let attempt = tokio::select! {
+                c = client::connect(&self.config, self.password.as_deref(), self.tls.clone()) => c,
+                _ = stop.changed() => return,
+            };
+            match attempt {
+                Ok((conn, session_present)) => {
+                    tracing::info!(url = %self.config.url, session_present, "upstream connected");
+                    self.stats.connected.store(true, Relaxed);
+                    self.stats.connects.fetch_add(1, Relaxed);
+                    last_error.clear();
+                    backoff = self.config.reconnect_min;
+                    let started = Instant::now();
+                    let ended = self.session(conn, session_present, &mut stop).await;
+                    self.stats.connected.store(false, Relaxed);
+                    match ended {
+                        Ended::Stop => return,
+                        Ended::Lost(why) => {
+                            tracing::warn!(url = %self.config.url, "upstream connection lost: {why}; reconnecting");
+                            self.set_error(&why);
+                            // A connection that lasted a while earns a quick retry.
+                            if started.elapsed() > Duration::from_secs(30) {
+                                backoff = self.config.reconnect_min;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if why != last_error || first {
+                        tracing::warn!(url = %self.config.url, "upstream unavailable: {why}; retrying with backoff up to {:?}; messages keep collecting in the outbox", self.config.reconnect_max);
+                        last_error = why.clone();
+                    } else {
+                        tracing::debug!("upstream still unavailable: {why}");
+                    }
+                    self.set_error(&why);
+                    if e.is_permanent() {
+                        backoff = self.config.reconnect_max;
+                    }
+                }
+            }
+            first = false;
+            let wait = jitter(backoff);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(self.config.reconnect_max);
+        }
+    }
+
+    fn set_error(&self, why: &str) {
+        if let Ok(mut e) = self.stats.last_error.lock() {
+            why.clone_into(&mut e);
+        }
+    }
+
+    /// One connected session: resend, then deliver until the link breaks or `stop`.
+    async fn session(
+        &mut self,
+        mut conn: Connection,
+        session_present: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let mut inflight: HashMap<u16, InFlight> = HashMap::new();
+        let mut window: VecDeque<Pending> = VecDeque::new();
+        let mut cursor = self.outbox.cursor();
+        let mut sent: HashSet<u64> = HashSet::new();
+        let mut next_pkid: u16 = 1;
+        let (released_tx, mut released_rx) =
+            mpsc::channel::<(u16, bool)>(self.config.inflight as usize + 8);
+        let mut incoming_qos2: HashSet<u16> = HashSet::new();
+        let mut superseded = self.superseded_backlog().await;
+
+        // Presence: retained "online" (the will says "offline").
+        let status = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: self.config.status_topic.clone(),
+            pkid: STATUS_PKID,
+            payload: Bytes::from_static(b"online"),
+        };
+        if let Err(e) = conn.send(&Packet::Publish(status)).await {
+            return Ended::Lost(e.to_string());
+        }
+        if !self.forward.inbound_filters().is_empty() {
+            let sub = Packet::Subscribe(crate::broker::codec::Subscribe {
+                pkid: SUBSCRIBE_PKID,
+                filters: self.forward.inbound_filters(),
+            });
+            if let Err(e) = conn.send(&sub).await {
+                return Ended::Lost(e.to_string());
+            }
+        }
+
+        // Records already holding a packet id were sent before (this process or an earlier
+        // one): with the session still there, resume them under the same id; without it,
+        // they start over as new publishes (nothing missing, at worst a duplicate).
+        let mut resume = Vec::new();
+        loop {
+            let batch = match cursor.next_batch(READ_BATCH).await {
+                Ok(b) => b,
+                Err(e) => return Ended::Lost(format!("reading the outbox: {e}")),
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let done = batch.iter().any(|p| p.packet_id.is_none());
+            for p in batch {
+                if p.packet_id.is_some() {
+                    resume.push(p);
+                } else {
+                    window.push_back(p);
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        for p in resume {
+            let Some(pkid) = p.packet_id else { continue };
+            sent.insert(p.id);
+            inflight.insert(
+                pkid,
+                InFlight {
+                    id: p.id,
+                    qos: p.record.qos,
+                    released: p.released && session_present,
+                },
+            );
+            let packet = if p.released && session_present {
+                Packet::PubRel(pkid)
+            } else {
+                Packet::Publish(publish_of(&p.record, pkid, session_present))
+            };
+            if let Err(e) = conn.send(&packet).await {
+                return Ended::Lost(e.to_string());
+            }
+        }
+
+        let keep_alive = self.config.keep_alive;
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        let mut last_heard = Instant::now();
+        let rate = self.config.drain_rate;
+        let mut tokens = f64::from(rate.unwrap_or(0));
+        let mut refilled = Instant::now();
+        loop {
+            // Fill the window from the outbox, in log order.
+            let capacity = usize::from(self.config.inflight);
+            while inflight.len() < capacity {
+                if let Some(r) = rate {
+                    let now = Instant::now();
+                    tokens = (tokens + now.duration_since(refilled).as_secs_f64() * f64::from(r))
+                        .min(f64::from(r));
+                    refilled = now;
+                    if tokens < 1.0 {
+                        break;
+                    }
+                }
+                let p = match window.pop_front() {
+                    Some(p) => p,
+                    None => match cursor.next_batch(READ_BATCH).await {
+                        Ok(b) if b.is_empty() => break,
+                        Ok(b) => {
+                            window.extend(b);
+                            continue;
+                        }
+                        Err(e) => return Ended::Lost(format!("reading the outbox: {e}")),
+                    },
+                };
+                if sent.contains(&p.id) {
+                    continue;
+                }
+                if superseded.remove(&p.id) {
+                    // `latest` backlog: a newer message for this topic is waiting.
+                    self.outbox.ack(p.id);
+                    self.stats.superseded.fetch_add(1, Relaxed);
+                    continue;
+                }
+                if p.record.qos == Qos::AtMostOnce {
+                    if let Err(e) = conn
+                        .send(&Packet::Publish(publish_of(&p.record, 0, false)))
+                        .await
+                    {
+                        return Ended::Lost(e.to_string());
+                    }
+                    self.outbox.ack(p.id);
+                    self.stats.delivered.fetch_add(1, Relaxed);
+                    tokens -= 1.0;
+                    continue;
+                }
+                let pkid = match free_pkid(&mut next_pkid, &inflight) {
+                    Some(id) => id,
+                    None => {
+                        window.push_front(p);
+                        break;
+                    }
+                };
+                if p.record.qos == Qos::ExactlyOnce {
+                    // The id is durable before the first PUBLISH (it must never change).
+                    if let Err(e) = self.outbox.set_packet_id(p.id, pkid).await {
+                        return Ended::Lost(format!("recording a packet id: {e}"));
+                    }
+                }
+                sent.insert(p.id);
+                inflight.insert(
+                    pkid,
+                    InFlight {
+                        id: p.id,
+                        qos: p.record.qos,
+                        released: false,
+                    },
+                );
+                if let Err(e) = conn
+                    .send(&Packet::Publish(publish_of(&p.record, pkid, false)))
+                    .await
+                {
+                    return Ended::Lost(e.to_string());
+                }
+                tokens -= 1.0;
+            }
+            if let Err(e) = conn.flush().await {
+                return Ended::Lost(e.to_string());
+            }
+
+            let throttled = rate.is_some() && tokens < 1.0;
+            tokio::select! {
+                packet = conn.recv() => {
+                    let packet = match packet {
+                        Ok(Some(p)) => p,
+                        Ok(None) => return Ended::Lost("the upstream closed the connection".into()),
+                        Err(e) => return Ended::Lost(e.to_string()),
+                    };
+                    last_heard = Instant::now();
+                    match packet {
+                        Packet::PubAck(pkid) if pkid == STATUS_PKID => {}
+                        Packet::PubAck(pkid) => {
+                            if let Some(f) = inflight.remove(&pkid) {
+                                self.outbox.ack(f.id);
+                                sent.remove(&f.id);
+                                self.stats.delivered.fetch_add(1, Relaxed);
+                            }
+                        }
+                        Packet::PubRec(pkid) => {
+                            if let Some(f) = inflight.get(&pkid) {
+                                if f.released {
+                                    let _ = conn.send(&Packet::PubRel(pkid)).await;
+                                } else {
+                                    // Released is durable before PUBREL goes out.
+                                    let ticket = self.outbox.mark_released(f.id);
+                                    let tx = released_tx.clone();
+                                    tokio::spawn(async move {
+                                        let ok = ticket.await.is_ok();
+                                        let _ = tx.send((pkid, ok)).await;
+                                    });
+                                }
+                            }
+                        }
+                        Packet::PubComp(pkid) => {
+                            if let Some(f) = inflight.remove(&pkid) {
+                                self.outbox.ack(f.id);
+                                sent.remove(&f.id);
+                                self.stats.delivered.fetch_add(1, Relaxed);
+                            }
+                        }
+                        Packet::SubAck(ack) => {
+                            for (code, filter) in ack.codes.iter().zip(self.forward.inbound_filters()) {
+                                if *code == SubAckCode::Failure {
+                                    tracing::warn!(filter = %filter.0, "the upstream refused a subscription");
+                                }
+                            }
+                        }
+                        Packet::Publish(p) => {
+                            if let Err(e) = self.incoming(&mut conn, p, &mut incoming_qos2).await {
+                                return Ended::Lost(e);
+                            }
+                        }
+                        Packet::PubRel(pkid) => {
+                            incoming_qos2.remove(&pkid);
+                            if let Err(e) = conn.send(&Packet::PubComp(pkid)).await {
+                                return Ended::Lost(e.to_string());
+                            }
+                        }
+                        Packet::PingResp => {}
+                        other => return Ended::Lost(format!("unexpected packet from the upstream: {other:?}")),
+                    }
+                }
+                Some((pkid, ok)) = released_rx.recv() => {
+                    if !ok {
+                        return Ended::Lost("the outbox could not record a PUBREC".into());
+                    }
+                    if let Some(f) = inflight.get_mut(&pkid) {
+                        f.released = true;
+                        debug_assert!(f.qos == Qos::ExactlyOnce);
+                        if let Err(e) = conn.send(&Packet::PubRel(pkid)).await {
+                            return Ended::Lost(e.to_string());
+                        }
+                    }
+                }
+                _ = cursor.wait_for_more(), if inflight.len() < capacity && window.is_empty() && !throttled => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)), if throttled => {}
+                Some(record) = self.live.recv() => {
+                    if let Err(e) = conn.send(&Packet::Publish(publish_of(&record, 0, false))).await {
+                        return Ended::Lost(e.to_string());
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > keep_alive * 3 / 2 + keep_alive {
+                        return Ended::Lost("no answer to keep-alive pings".into());
+                    }
+                    if let Err(e) = conn.send(&Packet::PingReq).await {
+                        return Ended::Lost(e.to_string());
+                    }
+                }
+                _ = stop.changed() => {
+                    let offline = Publish {
+                        dup: false,
+                        qos: QoS::AtMostOnce,
+                        retain: true,
+                        topic: self.config.status_topic.clone(),
+                        pkid: 0,
+                        payload: Bytes::from_static(b"offline"),
+                    };
+                    let _ = conn.send(&Packet::Publish(offline)).await;
+                    let _ = conn.send(&Packet::Disconnect).await;
+                    let _ = conn.flush().await;
+                    return Ended::Stop;
+                }
+            }
+        }
+    }
+
+    /// A message from an `in` rule: into the local broker, not forwarded back.
+    async fn incoming(
+        &self,
+        conn: &mut Connection,
+        p: Publish,
+        qos2: &mut HashSet<u16>,
+    ) -> Result<(), String> {
+        self.stats.incoming.fetch_add(1, Relaxed);
+        let deliver = p.qos != QoS::ExactlyOnce || qos2.insert(p.pkid);
+        if deliver {
+            if let Some(topic) = self.forward.local_topic(&p.topic) {
+                let _ = self
+                    .broker
+                    .publish_from_upstream(topic, p.payload.clone(), p.qos, p.retain)
+                    .await;
+            }
+        }
+        let ack = match p.qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Packet::PubAck(p.pkid),
+            QoS::ExactlyOnce => Packet::PubRec(p.pkid),
+        };
+        conn.send(&ack).await.map_err(|e| e.to_string())
+    }
+
+    /// For `latest` out-rules: the records a newer one for the same topic supersedes.
+    async fn superseded_backlog(&self) -> HashSet<u64> {
+        if !self.config.out.iter().any(|r| r.backlog == Backlog::Latest) {
+            return HashSet::new();
+        }
+        let mut cursor = self.outbox.cursor();
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        let mut older = HashSet::new();
+        loop {
+            let batch = match cursor.next_batch(4096).await {
+                Ok(b) if !b.is_empty() => b,
+                _ => break,
+            };
+            for p in batch {
+                if p.packet_id.is_some()
+                    || self.forward.backlog_of(&p.record.topic) != Backlog::Latest
+                {
+                    continue;
+                }
+                if let Some(prev) = newest.insert(p.record.topic.clone(), p.id) {
+                    older.insert(prev);
+                }
+            }
+        }
+        older
+    }
+}
+
+fn publish_of(r: &Record, pkid: u16, dup: bool) -> Publish {
+    let qos = match r.qos {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
+    };
+    Publish {
+        dup: dup && qos != QoS::AtMostOnce,
+        qos,
+        retain: r.retain,
+        topic: r.topic.clone(),
+        pkid,
+        payload: r.payload.clone(),
+    }
+}
+
+/// The next packet id not in flight (and not one the uplink keeps for itself).
+fn free_pkid(next: &mut u16, inflight: &HashMap<u16, InFlight>) -> Option<u16> {
+    for _ in 0..SUBSCRIBE_PKID {
+        let id = *next;
+        *next = if id >= SUBSCRIBE_PKID - 1 { 1 } else { id + 1 };
+        if !inflight.contains_key(&id) {
+            return Some(id);
+        }
+    }
+    None
+}
+
+/// ±25 % so a fleet of gateways does not reconnect in lockstep after an upstream restart.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() {
+        u16::from_le_bytes(b)
+    } else {
+        32768
+    };
+    let factor = 0.75 + f64::from(r) / f64::from(u16::MAX) * 0.5;
+    d.mul_f64(factor)
+}
+
+/// Settles an append for the router: durable (or dropped by an explicit, counted policy) is
+/// `true`; an I/O failure is `false`, so the producer is not acknowledged.
+pub fn settle(result: Result<u64, AppendError>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(AppendError::Full(_))
+        | Err(AppendError::TooLarge { .. })
+        | Err(AppendError::Invalid { .. }) => {
+            // drop-newest: the policy the user chose; counted by the outbox.
+            true
+        }
+        Err(e) => {
+            tracing::error!("the outbox could not store a message: {e}");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_the_reserved_ones() {
+        let mut inflight = HashMap::new();
+        inflight.insert(
+            1,
+            InFlight {
+                id: 1,
+                qos: Qos::AtLeastOnce,
+                released: false,
+            },
+        );
+        let mut next = 1;
+        assert_eq!(free_pkid(&mut next, &inflight), Some(2));
+        let mut next = SUBSCRIBE_PKID - 1;
+        assert_eq!(free_pkid(&mut next, &inflight), Some(SUBSCRIBE_PKID - 1));
+        assert_eq!(
+            free_pkid(&mut next, &inflight),
+            Some(2),
+            "wraps past the reserved ids and skips 1"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_a_quarter() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(4));
+            assert!(
+                j >= Duration::from_secs(3) && j <= Duration::from_secs(5),
+                "{j:?}"
+            );
+        }
+    }
+}

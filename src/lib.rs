@@ -18,6 +18,8 @@ pub mod broker;
 
 mod pipeline;
 
+pub mod demo;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -360,9 +360,9 @@ pub fn flip_one_bit(frame: &[u8], pick: usize) -> Vec<u8> {
     let body_end = out.len().saturating_sub(1); // keep the delimiter
     let mut data = Vec::new();
     let mut next_code = 0;
-    for i in 0..body_end {
+    for (i, &byte) in out[..body_end].iter().enumerate() {
         if i == next_code {
-            next_code = i + usize::from(out[i].max(1));
+            next_code = i + usize::from(byte.max(1));
         } else {
             data.push(i);
         }

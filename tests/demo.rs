@@ -48,12 +48,10 @@ async fn all_three_nodes_publish_sensible_values_and_the_noisy_one_is_counted() 
     let (mut crc_errors, mut duplicates) = (0u64, 0u64);
     let deadline = tokio::time::Instant::now() + WAIT;
     while seen.len() < expected.len() || crc_errors == 0 || duplicates == 0 {
-        let event = tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("timed out: seen {seen:?}, crc errors {crc_errors}, duplicates {duplicates}")
-            })
-            .expect("connection");
+        let Ok(event) = tokio::time::timeout_at(deadline, events.poll()).await else {
+            panic!("timed out: seen {seen:?}, crc errors {crc_errors}, duplicates {duplicates}")
+        };
+        let event = event.expect("connection");
         let Event::Incoming(Packet::Publish(p)) = event else {
             continue;
         };

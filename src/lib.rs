@@ -22,6 +22,8 @@ pub mod uplink;
 
 mod pipeline;
 
+pub mod demo;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

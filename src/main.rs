@@ -7,11 +7,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sensorgate::config::{self, ValidConfig};
 
+mod monitor;
+
 /// sysexits(3) codes, so service managers and scripts can tell failures apart.
 mod exit {
     pub const USAGE: u8 = 64;
+    pub const NOINPUT: u8 = 66;
     pub const SOFTWARE: u8 = 70;
+    pub const OSERR: u8 = 71;
     pub const CANTCREAT: u8 = 73;
+    pub const IOERR: u8 = 74;
     pub const CONFIG: u8 = 78;
 }
 
@@ -56,6 +61,43 @@ enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Run the gateway with simulated sensor nodes: a first look without hardware.
+    ///
+    /// Three nodes (living room, greenhouse, garden) speak the real frame format over
+    /// pseudo-terminals; the broker serves their readings under `sensors/#`.
+    Demo {
+        /// Address of the demo's MQTT broker (loopback only).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: std::net::SocketAddr,
+        /// Keep state here instead of a temporary directory removed at exit.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// How many simulated nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How often each node reports, e.g. `2s`, `500ms`.
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        period: std::time::Duration,
+    },
+    /// Show what a serial port says, decoded, one line per frame or error.
+    Monitor {
+        /// The serial device, e.g. /dev/ttyACM0 or /dev/serial/by-id/...
+        port: PathBuf,
+        /// sensorgate, lines or mysensors.
+        #[arg(long, default_value = "sensorgate", value_parser = monitor::parse_protocol)]
+        protocol: sensorgate::decode::Protocol,
+        #[arg(long, default_value_t = config::defaults::BAUD)]
+        baud: u32,
+        /// Also print the raw bytes of each frame, error and ignored byte.
+        #[arg(long)]
+        hex: bool,
+    },
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| "write a duration such as 2s or 500ms".into())
 }
 
 fn main() -> ExitCode {
@@ -92,6 +134,92 @@ fn main() -> ExitCode {
             }
         },
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete),
+        Command::Demo {
+            listen,
+            data_dir,
+            nodes,
+            period,
+        } => {
+            init_tracing(&config::embedded_default());
+            demo(sensorgate::demo::DemoOptions {
+                listen,
+                data_dir,
+                nodes,
+                period,
+                ..Default::default()
+            })
+        }
+        Command::Monitor {
+            port,
+            protocol,
+            baud,
+            hex,
+        } => monitor(monitor::port_config(port, protocol, baud), hex),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("sensorgate: cannot start the async runtime: {e}");
+            ExitCode::from(exit::SOFTWARE)
+        })
+}
+
+fn demo(opts: sensorgate::demo::DemoOptions) -> ExitCode {
+    use sensorgate::demo::DemoError;
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(sensorgate::demo::run_demo(
+        opts,
+        sensorgate::shutdown_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sensorgate demo: {e}");
+            ExitCode::from(match e {
+                DemoError::NotLoopback(_) | DemoError::NodeCount => exit::USAGE,
+                DemoError::Pty(_) => exit::OSERR,
+                DemoError::TempDir { .. }
+                | DemoError::Gateway(
+                    sensorgate::Error::Bind { .. } | sensorgate::Error::DataDir { .. },
+                ) => exit::CANTCREAT,
+                _ => exit::SOFTWARE,
+            })
+        }
+    }
+}
+
+fn monitor(port: config::PortConfig, hex: bool) -> ExitCode {
+    use std::io::IsTerminal;
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let stdout = std::io::stdout();
+    let style = monitor::Style {
+        colour: stdout.is_terminal(),
+        hex,
+    };
+    let mut out = stdout.lock();
+    match runtime.block_on(monitor::run(
+        port,
+        style,
+        &mut out,
+        sensorgate::shutdown_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sensorgate monitor: {e}");
+            ExitCode::from(match e {
+                monitor::MonitorError::Open { .. } => exit::NOINPUT,
+                _ => exit::IOERR,
+            })
+        }
     }
 }
 
@@ -109,15 +237,9 @@ fn init_tracing(config: &ValidConfig) {
 }
 
 fn run(config: ValidConfig) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sensorgate: cannot start the async runtime: {e}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(sensorgate::run(config, sensorgate::shutdown_signal()));
     match result {

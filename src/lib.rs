@@ -209,13 +209,18 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
     let mapping = std::sync::Arc::new(config.mapping.clone());
     let (mapping_tx, mapping_rx) = tokio::sync::watch::channel(mapping.clone());
     let persist = config.broker.persistence;
+    let mut registry = if persist {
+        registry::Registry::load(&config.data_dir)
+    } else {
+        registry::Registry::default()
+    };
+    if let Some(u) = &uplink {
+        registry.restore_dedupe(&u.outbox.states());
+    }
+    let (failed_tx, failed_rx) = tokio::sync::mpsc::channel(64);
     let pipeline = pipeline::Pipeline {
         mapping,
-        registry: if persist {
-            registry::Registry::load(&config.data_dir)
-        } else {
-            registry::Registry::default()
-        },
+        registry,
         broker: broker.handle(),
         data_dir: config.data_dir.clone(),
         persist,
@@ -231,6 +236,9 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
             .map(|p| (p.config.name.clone(), p.downlink.clone()))
             .collect(),
         hello_requested: Default::default(),
+        failed_tx,
+        failed_rx,
+        uplink: uplink.as_ref().map(|u| (u.stats.clone(), u.outbox.clone())),
     };
     let commands = broker
         .handle()

@@ -34,6 +34,11 @@ pub struct Pipeline {
     pub downlinks: HashMap<String, mpsc::Sender<Downlink>>,
     /// Nodes asked to repeat their `Hello` in this boot, so it is asked once.
     pub hello_requested: HashSet<(String, u32)>,
+    /// Frames whose readings could not be made durable, to forget in the dedupe window.
+    pub failed_tx: mpsc::Sender<(String, FrameId)>,
+    pub failed_rx: mpsc::Receiver<(String, FrameId)>,
+    /// The uplink's counters and the outbox, for `$SYS/sensorgate/...`.
+    pub uplink: Option<(Arc<crate::uplink::UplinkStats>, crate::outbox::Outbox)>,
 }
 
 /// Commands waiting for the pipeline.
@@ -69,6 +74,7 @@ impl Pipeline {
                     }
                 }
                 Some(cmd) = commands.recv() => self.command(cmd).await,
+                Some((node, frame)) = self.failed_rx.recv() => self.registry.forget(&node, frame),
                 changed = mapping_updates.changed() => {
                     if changed.is_ok() {
                         self.mapping = mapping_updates.borrow_and_update().clone();
@@ -140,7 +146,11 @@ impl Pipeline {
                     }
                 }
                 let mut durable = Vec::with_capacity(readings.len());
-                for mut reading in readings {
+                // The node's dedupe window rides with the frame's last forwarded reading, so a
+                // crash cannot keep the records but lose the knowledge that they were seen.
+                let dedupe = frame.and_then(|_| self.registry.dedupe_state(&node));
+                let count = readings.len();
+                for (i, mut reading) in readings.into_iter().enumerate() {
                     if reading.quantity.is_none() {
                         if let Some(info) = known.get(&reading.channel) {
                             reading.quantity = Some(info.quantity.clone());
@@ -150,9 +160,10 @@ impl Pipeline {
                     let Some(p) = self.mapping.map(&port, &node, &reading, facts) else {
                         continue;
                     };
+                    let state = if i + 1 == count { dedupe.clone() } else { None };
                     match self
                         .broker
-                        .publish_durable(p.topic, p.payload, p.qos, p.retain)
+                        .publish_durable(p.topic, p.payload, p.qos, p.retain, state)
                         .await
                     {
                         Ok(done) => durable.push(done),
@@ -163,9 +174,13 @@ impl Pipeline {
                 // of the frame is durable in the outbox (invariant 1); until then the node keeps
                 // the frame and retransmits it, and dedupe keeps that exactly once.
                 if let Some(frame) = frame {
+                    let failed = self.failed_tx.clone();
                     tokio::spawn(async move {
                         for done in durable {
                             if !matches!(done.await, Ok(true)) {
+                                // Not stored: no ack, and the retransmission must not be
+                                // taken for a duplicate.
+                                let _ = failed.send((node, frame)).await;
                                 return;
                             }
                         }
@@ -298,6 +313,51 @@ impl Pipeline {
     }
 
     async fn publish_port_stats(&self) {
+        if let Some((stats, outbox)) = &self.uplink {
+            let o = outbox.stats();
+            let age = o
+                .oldest_timestamp_ms
+                .map(|t| now_ms().saturating_sub(t) / 1000)
+                .unwrap_or(0);
+            let connected = stats.connected.load(Relaxed);
+            let values = [
+                (
+                    "uplink/state",
+                    if connected {
+                        "connected".to_string()
+                    } else {
+                        "disconnected".to_string()
+                    },
+                ),
+                (
+                    "uplink/delivered",
+                    stats.delivered.load(Relaxed).to_string(),
+                ),
+                ("uplink/connects", stats.connects.load(Relaxed).to_string()),
+                (
+                    "uplink/superseded",
+                    stats.superseded.load(Relaxed).to_string(),
+                ),
+                ("outbox/depth", o.depth.to_string()),
+                ("outbox/bytes", o.bytes.to_string()),
+                ("outbox/oldest-age", age.to_string()),
+                ("outbox/dropped/oldest", o.dropped_oldest.to_string()),
+                ("outbox/dropped/newest", o.dropped_newest.to_string()),
+                ("outbox/dropped/expired", o.expired.to_string()),
+                (
+                    "outbox/dropped/qos0",
+                    stats.live_dropped.load(Relaxed).to_string(),
+                ),
+                ("outbox/corrupt-skipped", o.corrupt_skipped.to_string()),
+            ];
+            for (leaf, value) in values {
+                let topic = format!("$SYS/sensorgate/{leaf}");
+                let _ = self
+                    .broker
+                    .publish(topic, value, QoS::AtMostOnce, true)
+                    .await;
+            }
+        }
         for (name, s) in &self.ports {
             let base = format!("$SYS/sensorgate/ports/{name}");
             let values = [

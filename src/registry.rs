@@ -16,6 +16,9 @@ use crate::decode::{FrameId, LinkQuality, NodeId, SensorInfo};
 
 pub const FILE_NAME: &str = "nodes.json";
 
+/// Outbox state keys of node dedupe windows start with this, then the node id.
+pub const DEDUPE_STATE_PREFIX: &str = "dedupe/";
+
 /// How many sequence numbers below the highest seen are remembered one by one; older ones are
 /// taken as seen.
 pub const WINDOW: u32 = 64;
@@ -129,6 +132,64 @@ impl Registry {
         rec
     }
 
+    /// The dedupe window of `node`, for the outbox state committed with its records.
+    pub fn dedupe_state(&self, node: &str) -> Option<(String, Vec<u8>)> {
+        let r = self.nodes.get(node)?;
+        let mut v = Vec::with_capacity(25);
+        v.extend_from_slice(&r.boot_id.unwrap_or(0).to_le_bytes());
+        v.push(u8::from(r.boot_id.is_some()));
+        v.extend_from_slice(&r.previous_boot_id.unwrap_or(0).to_le_bytes());
+        v.push(u8::from(r.previous_boot_id.is_some()));
+        v.extend_from_slice(&r.highest_seq.to_le_bytes());
+        v.extend_from_slice(&r.seen.to_le_bytes());
+        Some((format!("{DEDUPE_STATE_PREFIX}{node}"), v))
+    }
+
+    /// Restores dedupe windows committed with outbox records: they are as new as the records
+    /// the frames produced, so a retransmit after a crash is recognised.
+    pub fn restore_dedupe(&mut self, states: &[(String, bytes::Bytes)]) {
+        for (key, v) in states {
+            let Some(node) = key.strip_prefix(DEDUPE_STATE_PREFIX) else {
+                continue;
+            };
+            if v.len() != 22 {
+                continue;
+            }
+            let u32_at = |i: usize| u32::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+            let boot = (v[4] == 1).then(|| u32_at(0));
+            let prev = (v[9] == 1).then(|| u32_at(5));
+            let highest = u32_at(10);
+            let mut seen = [0u8; 8];
+            seen.copy_from_slice(&v[14..22]);
+            let seen = u64::from_le_bytes(seen);
+            let rec = self.nodes.entry(node.to_string()).or_default();
+            // The registry file may be older or newer; the outbox is authoritative for what was
+            // forwarded, so take the union of what either has seen in the same boot.
+            if rec.boot_id == boot && highest <= rec.highest_seq {
+                continue;
+            }
+            rec.boot_id = boot;
+            rec.previous_boot_id = prev;
+            rec.highest_seq = highest;
+            rec.seen = seen;
+            self.dirty = true;
+        }
+    }
+
+    /// Forgets that a frame was seen: its readings could not be stored, so the node's
+    /// retransmission must be taken as new.
+    pub fn forget(&mut self, node: &str, frame: FrameId) {
+        if let Some(rec) = self.nodes.get_mut(node) {
+            if rec.boot_id == Some(frame.boot_id) && frame.seq <= rec.highest_seq {
+                let age = rec.highest_seq - frame.seq;
+                if age < WINDOW {
+                    rec.seen &= !(1u64 << age);
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
     /// Judges a numbered frame and records it as seen.
     pub fn check(&mut self, node: &str, frame: FrameId) -> Verdict {
         self.dirty = true;
@@ -234,6 +295,27 @@ mod tests {
             "a large jump clears the window"
         );
         assert_eq!(r.check("1", f(7, 1999)), Verdict::New);
+    }
+
+    #[test]
+    fn a_dedupe_window_round_trips_through_outbox_state() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 10));
+        r.check("1", f(7, 12));
+        let (key, value) = r.dedupe_state("1").unwrap();
+        let mut back = Registry::default();
+        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        assert_eq!(back.check("1", f(7, 12)), Verdict::Duplicate);
+        assert_eq!(back.check("1", f(7, 11)), Verdict::New);
+        assert_eq!(back.check("1", f(7, 10)), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_forgotten_frame_is_new_again() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 10));
+        r.forget("1", f(7, 10));
+        assert_eq!(r.check("1", f(7, 10)), Verdict::New);
     }
 
     #[test]

@@ -90,6 +90,7 @@ impl BrokerHandle {
             retain,
             origin: Origin::Gateway,
             done: None,
+            state: None,
         };
         self.tx.send(cmd).await.map_err(|_| Stopped)
     }
@@ -103,6 +104,7 @@ impl BrokerHandle {
         payload: impl Into<Bytes>,
         qos: QoS,
         retain: bool,
+        state: Option<(String, Vec<u8>)>,
     ) -> Result<oneshot::Receiver<bool>, Stopped> {
         let (done, rx) = oneshot::channel();
         let cmd = Command::Publish {
@@ -112,6 +114,7 @@ impl BrokerHandle {
             retain,
             origin: Origin::Gateway,
             done: Some(done),
+            state,
         };
         self.tx.send(cmd).await.map_err(|_| Stopped)?;
         Ok(rx)
@@ -133,6 +136,7 @@ impl BrokerHandle {
             retain,
             origin: Origin::Upstream,
             done: None,
+            state: None,
         };
         self.tx.send(cmd).await.map_err(|_| Stopped)
     }

@@ -68,6 +68,9 @@ pub enum Command {
         /// Told `true` once the message is durable where it has to be (the outbox, when an
         /// out-rule forwards it), `false` if it could not be stored.
         done: Option<oneshot::Sender<bool>>,
+        /// Outbox state committed atomically with the message when it is forwarded (a node's
+        /// dedupe window, invariant 3).
+        state: Option<(String, Vec<u8>)>,
     },
     /// The outbox committed (or failed to commit) what acknowledgement `token` of `conn` waits for.
     Durable {
@@ -349,6 +352,7 @@ impl Router {
                 retain,
                 origin,
                 done,
+                state,
             } => {
                 if !topic::validate_topic(&topic) {
                     tracing::warn!(%topic, "in-process publish to an invalid topic dropped");
@@ -360,7 +364,7 @@ impl Router {
                 let msg = Arc::new(Message { topic, payload });
                 self.publish(msg.clone(), qos, retain);
                 let wait = match origin {
-                    Origin::Gateway => self.forward(&msg, qos, retain, None),
+                    Origin::Gateway => self.forward(&msg, qos, retain, state),
                     Origin::Upstream => None,
                 };
                 match (done, wait) {

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use sensorgate::config::{self, ValidConfig};
 
 mod monitor;
+mod outbox_cmd;
 
 /// sysexits(3) codes, so service managers and scripts can tell failures apart.
 mod exit {
@@ -79,6 +80,22 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = duration)]
         period: std::time::Duration,
     },
+    /// Show what waits in the outbox for the upstream: depth, bytes, oldest age; `dump` lists
+    /// the records. Reads without changing anything, so it is safe while the gateway runs.
+    Outbox {
+        /// `dump` to list the records.
+        #[arg(value_parser = ["dump"])]
+        action: Option<String>,
+        /// The gateway's configuration (for its data directory).
+        #[arg(short, long, env = "SENSORGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The outbox directory itself (default: <data-dir>/outbox).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// At most this many records with `dump`.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Show what a serial port says, decoded, one line per frame or error.
     Monitor {
         /// The serial device, e.g. /dev/ttyACM0 or /dev/serial/by-id/...
@@ -134,6 +151,50 @@ fn main() -> ExitCode {
             }
         },
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete),
+        Command::Outbox {
+            action,
+            config,
+            dir,
+            limit,
+        } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => {
+                    let config = match config {
+                        Some(path) => match config::load(&path) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                eprintln!("{e}");
+                                return ExitCode::from(exit::CONFIG);
+                            }
+                        },
+                        None => config::embedded_default(),
+                    };
+                    config.data_dir.join("outbox")
+                }
+            };
+            if !dir.exists() {
+                eprintln!(
+                    "sensorgate outbox: {} does not exist (no upstream configured yet?)",
+                    dir.display()
+                );
+                return ExitCode::from(exit::NOINPUT);
+            }
+            match sensorgate::outbox::inspect(&dir) {
+                Ok(i) => {
+                    let now = sensorgate::ingest::now_ms();
+                    match action.as_deref() {
+                        Some("dump") => print!("{}", outbox_cmd::dump(&i, limit)),
+                        _ => print!("{}", outbox_cmd::summary(&dir, &i, now)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sensorgate outbox: {e}");
+                    ExitCode::from(exit::NOINPUT)
+                }
+            }
+        }
         Command::Demo {
             listen,
             data_dir,

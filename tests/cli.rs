@@ -91,3 +91,64 @@ fn version_and_help_read_well() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+#[test]
+fn outbox_shows_depth_and_dumps_records_without_changing_them() {
+    use sensorgate::outbox::{Outbox, Qos, Record};
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("outbox");
+    {
+        let (outbox, _) = Outbox::open(&ob, Default::default()).unwrap();
+        for i in 0..3 {
+            let r = Record {
+                topic: format!("site/gw/t{i}"),
+                payload: bytes::Bytes::from(format!("{i}.5")),
+                qos: Qos::AtLeastOnce,
+                retain: false,
+                timestamp_ms: 1_764_250_000_000,
+            };
+            outbox.append(r).wait().unwrap();
+        }
+        outbox.close().wait().unwrap();
+    }
+    let before: Vec<_> = std::fs::read_dir(&ob)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    let out = sensorgate()
+        .arg("outbox")
+        .arg("--dir")
+        .arg(&ob)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("records       3"), "{text}");
+    let out = sensorgate()
+        .args(["outbox", "dump", "--dir"])
+        .arg(&ob)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("site/gw/t2 = 2.5"), "{text}");
+    assert!(text.contains("2025-11-27 13:26:40.000"), "{text}");
+    let after: Vec<_> = std::fs::read_dir(&ob)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(before, after, "inspecting changes nothing");
+}
+
+#[test]
+fn outbox_of_a_missing_directory_is_a_clear_error() {
+    let out = sensorgate()
+        .args(["outbox", "--dir", "/nonexistent/outbox"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(66));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/outbox"));
+}

@@ -53,19 +53,22 @@ pub fn key_position(text: &str, path: &[Seg<'_>]) -> Option<(u32, u32)> {
     for seg in path {
         match (seg, table, item) {
             (Seg::Key(k), Some(t), _) => {
-                let (key, value) = t.get_key_value(k)?;
+                // A missing key is reported at the nearest table that exists.
+                let Some((key, value)) = t.get_key_value(k) else {
+                    break;
+                };
                 best = key.span().or_else(|| value.span()).or(best);
                 item = Some(value);
                 table = value.as_table();
             }
             (Seg::Index(i), _, Some(Item::ArrayOfTables(a))) => {
-                let t = a.get(*i)?;
+                let Some(t) = a.get(*i) else { break };
                 best = t.span().or(best);
                 table = Some(t);
                 item = None;
             }
             (Seg::Index(i), _, Some(Item::Value(Value::Array(a)))) => {
-                let v = a.get(*i)?;
+                let Some(v) = a.get(*i) else { break };
                 best = v.span().or(best);
                 table = None;
                 item = None;
@@ -120,6 +123,8 @@ pub fn from_toml_error(text: &str, file: &str, err: &toml::de::Error) -> ConfigE
     let message = err.message().trim().to_string();
     let hint = if message.contains("unknown field") {
         Some("check the spelling against the configuration reference in README.md".to_string())
+    } else if message.contains("unknown variant") {
+        Some("use one of the values listed".to_string())
     } else if message.contains("invalid type") {
         Some("numbers and booleans are written without quotes, text with quotes".to_string())
     } else if key.is_none() {

@@ -27,6 +27,7 @@ pub mod demo;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use config::ValidConfig;
 
@@ -55,19 +56,34 @@ pub enum Error {
 
 /// A running gateway, as returned by [`start`]: its addresses and a handle to stop it.
 pub struct Gateway {
+    config: Box<ValidConfig>,
     broker: broker::Broker,
     ports: Vec<ingest::Port>,
-    stop_ports: tokio::sync::watch::Sender<bool>,
+    /// Kept to start ports added by a reload; dropped at shutdown so the pipeline drains.
+    inbound: tokio::sync::mpsc::Sender<ingest::Inbound>,
     pipeline: tokio::task::JoinHandle<()>,
-    mapping: tokio::sync::watch::Sender<std::sync::Arc<map::Mapping>>,
+    mapping: tokio::sync::watch::Sender<Arc<map::Mapping>>,
+    port_updates: tokio::sync::watch::Sender<Vec<pipeline::PortLink>>,
+    outbox: Option<outbox::Outbox>,
     uplink: Option<RunningUplink>,
 }
 
 struct RunningUplink {
-    stats: std::sync::Arc<uplink::UplinkStats>,
-    outbox: outbox::Outbox,
+    stats: Arc<uplink::UplinkStats>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a configuration reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub ports_added: Vec<String>,
+    pub ports_removed: Vec<String>,
+    pub ports_restarted: Vec<String>,
+    pub mapping_changed: bool,
+    pub upstream_changed: bool,
+    /// Settings that only a restart applies (listeners, broker limits, data directory).
+    pub needs_restart: Vec<&'static str>,
 }
 
 impl Gateway {
@@ -82,7 +98,7 @@ impl Gateway {
     }
 
     /// Counters of each serial port, by name.
-    pub fn port_stats(&self) -> Vec<(String, std::sync::Arc<ingest::PortStats>)> {
+    pub fn port_stats(&self) -> Vec<(String, Arc<ingest::PortStats>)> {
         self.ports
             .iter()
             .map(|p| (p.config.name.clone(), p.stats.clone()))
@@ -91,36 +107,201 @@ impl Gateway {
 
     /// Replaces the mapping rules while running.
     pub fn set_mapping(&self, mapping: map::Mapping) {
-        let _ = self.mapping.send(std::sync::Arc::new(mapping));
+        let _ = self.mapping.send(Arc::new(mapping));
     }
 
     /// The uplink's counters, when an upstream is configured.
-    pub fn uplink_stats(&self) -> Option<std::sync::Arc<uplink::UplinkStats>> {
+    pub fn uplink_stats(&self) -> Option<Arc<uplink::UplinkStats>> {
         self.uplink.as_ref().map(|u| u.stats.clone())
     }
 
-    /// The outbox, when an upstream is configured.
+    /// The outbox, when an upstream is (or was) configured.
     pub fn outbox(&self) -> Option<&outbox::Outbox> {
-        self.uplink.as_ref().map(|u| &u.outbox)
+        self.outbox.as_ref()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ValidConfig {
+        &self.config
+    }
+
+    /// Applies a new configuration without dropping local MQTT clients or losing the outbox:
+    /// mapping and node metadata at once, ports added, removed or restarted only when their
+    /// settings changed, the uplink restarted when `[upstream]` changed. Broker listeners and
+    /// limits need a restart; the report says so.
+    pub async fn reload(&mut self, new: ValidConfig) -> Result<ReloadReport, Error> {
+        let mut report = ReloadReport::default();
+        let old = &self.config;
+        if old.broker.listeners != new.broker.listeners {
+            report.needs_restart.push("broker.listener");
+        }
+        if old.broker.max_connections != new.broker.max_connections
+            || old.broker.max_packet_size != new.broker.max_packet_size
+            || old.broker.max_inflight != new.broker.max_inflight
+            || old.broker.max_queued != new.broker.max_queued
+            || old.broker.password_file != new.broker.password_file
+            || old.broker.allow_anonymous != new.broker.allow_anonymous
+        {
+            report.needs_restart.push("broker");
+        }
+        if old.data_dir != new.data_dir {
+            report.needs_restart.push("data-dir");
+        }
+        if old.gateway_id != new.gateway_id {
+            report.needs_restart.push("gateway-id");
+        }
+
+        // Upstream first, so the mapping's new topics are forwarded by the new rules.
+        if old.upstream != new.upstream || old.outbox.store_qos0 != new.outbox.store_qos0 {
+            report.upstream_changed = true;
+            if let Some(u) = self.uplink.take() {
+                let _ = u.stop.send(true);
+                let _ = u.task.await;
+            }
+            match &new.upstream {
+                Some(up) => {
+                    if self.outbox.is_none() {
+                        self.outbox = Some(open_outbox(&new)?);
+                    }
+                    let outbox = self.outbox.clone().ok_or(Error::Stopped)?;
+                    let (forward, uplink) = start_uplink(up, &new, outbox, self.broker.handle())?;
+                    self.broker
+                        .handle()
+                        .set_forward(Some(forward))
+                        .await
+                        .map_err(|_| Error::Stopped)?;
+                    self.uplink = Some(uplink);
+                }
+                None => {
+                    self.broker
+                        .handle()
+                        .set_forward(None)
+                        .await
+                        .map_err(|_| Error::Stopped)?;
+                }
+            }
+        }
+
+        if old.mapping != new.mapping {
+            report.mapping_changed = true;
+            let _ = self.mapping.send(Arc::new(new.mapping.clone()));
+        }
+
+        let mut keep = Vec::new();
+        for port in std::mem::take(&mut self.ports) {
+            match new.ports.iter().find(|p| p.name == port.config.name) {
+                Some(p) if *p == port.config => keep.push(port),
+                Some(_) => {
+                    report.ports_restarted.push(port.config.name.clone());
+                    port.stop().await;
+                }
+                None => {
+                    report.ports_removed.push(port.config.name.clone());
+                    port.stop().await;
+                }
+            }
+        }
+        for p in &new.ports {
+            if keep.iter().any(|k| k.config.name == p.name) {
+                continue;
+            }
+            if !report.ports_restarted.contains(&p.name) {
+                report.ports_added.push(p.name.clone());
+            }
+            keep.push(ingest::Port::spawn(p.clone(), self.inbound.clone()));
+        }
+        self.ports = keep;
+        let _ = self.port_updates.send(port_links(&self.ports));
+        self.config = Box::new(new);
+        Ok(report)
     }
 
     /// Stops sources first (ports), lets the pipeline drain, stops the broker (which saves its
     /// state), then the uplink, and commits the outbox.
     pub async fn shutdown(self) {
-        let _ = self.stop_ports.send(true);
         for port in self.ports {
-            port.join().await;
+            port.stop().await;
         }
+        drop(self.inbound);
+        drop(self.port_updates);
         let _ = self.pipeline.await;
         self.broker.shutdown().await;
         if let Some(u) = self.uplink {
             let _ = u.stop.send(true);
             let _ = u.task.await;
-            if let Err(e) = u.outbox.close().await {
+        }
+        if let Some(outbox) = self.outbox {
+            if let Err(e) = outbox.close().await {
                 tracing::error!("closing the outbox: {e}");
             }
         }
     }
+}
+
+fn port_links(ports: &[ingest::Port]) -> Vec<pipeline::PortLink> {
+    ports
+        .iter()
+        .map(|p| pipeline::PortLink {
+            name: p.config.name.clone(),
+            stats: p.stats.clone(),
+            downlink: p.downlink.clone(),
+        })
+        .collect()
+}
+
+fn open_outbox(config: &ValidConfig) -> Result<outbox::Outbox, Error> {
+    let dir = config.data_dir.join("outbox");
+    let (outbox, report) =
+        outbox::Outbox::open(&dir, config.outbox.config.clone()).map_err(|e| Error::Outbox {
+            message: e.to_string(),
+        })?;
+    if report.corrupt_skipped > 0 || report.torn_tail_bytes > 0 {
+        tracing::warn!(
+            corrupt_skipped = report.corrupt_skipped,
+            torn_tail_bytes = report.torn_tail_bytes,
+            "the outbox was damaged (power loss?); the damaged records were skipped and the rest will be delivered"
+        );
+    }
+    tracing::info!(pending = report.pending, dir = %dir.display(), "outbox open");
+    Ok(outbox)
+}
+
+/// The forwarding rules for the router and the running uplink task.
+fn start_uplink(
+    up: &config::UpstreamConfig,
+    config: &ValidConfig,
+    outbox: outbox::Outbox,
+    broker: broker::BrokerHandle,
+) -> Result<(Arc<uplink::Forward>, RunningUplink), Error> {
+    let password = upstream_password(up)?;
+    let tls = if up.endpoint.tls {
+        Some(uplink::tls_config(up).map_err(|message| Error::Upstream { message })?)
+    } else {
+        None
+    };
+    let stats = Arc::new(uplink::UplinkStats::default());
+    let (live_tx, live_rx) = tokio::sync::mpsc::channel(uplink::LIVE_QUEUE);
+    let forward = Arc::new(uplink::Forward {
+        out: up.out.clone(),
+        inbound: up.inbound.clone(),
+        outbox: outbox.clone(),
+        store_qos0: config.outbox.store_qos0,
+        live: live_tx,
+        stats: stats.clone(),
+    });
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = uplink::Uplink {
+        config: up.clone(),
+        outbox,
+        forward: forward.clone(),
+        broker,
+        live: live_rx,
+        stats: stats.clone(),
+        password,
+        tls,
+    };
+    let task = tokio::spawn(task.run(stop_rx));
+    Ok((forward, RunningUplink { stats, stop, task }))
 }
 
 /// Starts every stage; returns once listeners are bound.
@@ -129,93 +310,46 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         path: config.data_dir.clone(),
         source,
     })?;
-    // broker → outbox → uplink, when an upstream is configured
-    let mut uplink_parts = None;
-    let forward = match &config.upstream {
-        Some(up) => {
-            let dir = config.data_dir.join("outbox");
-            let (outbox, report) = outbox::Outbox::open(&dir, config.outbox.config.clone())
-                .map_err(|e| Error::Outbox {
-                    message: e.to_string(),
-                })?;
-            if report.corrupt_skipped > 0 || report.torn_tail_bytes > 0 {
-                tracing::warn!(
-                    corrupt_skipped = report.corrupt_skipped,
-                    torn_tail_bytes = report.torn_tail_bytes,
-                    "the outbox was damaged (power loss?); the damaged records were skipped and the rest will be delivered"
-                );
-            }
-            tracing::info!(pending = report.pending, dir = %dir.display(), "outbox open");
-            let password = upstream_password(up)?;
-            let tls = if up.endpoint.tls {
-                Some(uplink::tls_config(up).map_err(|message| Error::Upstream { message })?)
-            } else {
-                None
-            };
-            let stats = std::sync::Arc::new(uplink::UplinkStats::default());
-            let (live_tx, live_rx) = tokio::sync::mpsc::channel(uplink::LIVE_QUEUE);
-            let forward = std::sync::Arc::new(uplink::Forward {
-                out: up.out.clone(),
-                inbound: up.inbound.clone(),
-                outbox: outbox.clone(),
-                store_qos0: config.outbox.store_qos0,
-                live: live_tx,
-                stats: stats.clone(),
-            });
-            uplink_parts = Some((
-                up.clone(),
-                outbox,
-                forward.clone(),
-                live_rx,
-                stats,
-                password,
-                tls,
-            ));
-            Some(forward)
-        }
+
+    // outbox: opened first, so the broker forwards into it from the first message
+    let outbox = match &config.upstream {
+        Some(_) => Some(open_outbox(&config)?),
         None => None,
     };
-    let broker = broker::Broker::start(&config, forward).await?;
-    let uplink = uplink_parts.map(|(up, outbox, forward, live, stats, password, tls)| {
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = uplink::Uplink {
-            config: up,
-            outbox: outbox.clone(),
-            forward,
-            broker: broker.handle(),
-            live,
-            stats: stats.clone(),
-            password,
-            tls,
-        };
-        let task = tokio::spawn(task.run(stop_rx));
-        RunningUplink {
-            stats,
-            outbox,
-            stop,
-            task,
+    // The router's forward rules and the uplink task share one `Forward`. The router gets it
+    // through its queue before the first client's packets, which queue behind it.
+    let broker = broker::Broker::start(&config, None).await?;
+    let uplink = match (&config.upstream, &outbox) {
+        (Some(up), Some(ob)) => {
+            let (forward, running) = start_uplink(up, &config, ob.clone(), broker.handle())?;
+            broker
+                .handle()
+                .set_forward(Some(forward))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            Some(running)
         }
-    });
+        _ => None,
+    };
 
     // ingest → decode (in each port task) → pipeline: dedupe, registry, map → broker
-    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(ingest::INBOUND_QUEUE);
-    let (stop_ports, stop_rx) = tokio::sync::watch::channel(false);
+    let (inbound, inbound_rx) = tokio::sync::mpsc::channel(ingest::INBOUND_QUEUE);
     let ports: Vec<ingest::Port> = config
         .ports
         .iter()
-        .map(|p| ingest::Port::spawn(p.clone(), inbound_tx.clone(), stop_rx.clone()))
+        .map(|p| ingest::Port::spawn(p.clone(), inbound.clone()))
         .collect();
-    drop(inbound_tx);
-    let mapping = std::sync::Arc::new(config.mapping.clone());
+    let mapping = Arc::new(config.mapping.clone());
     let (mapping_tx, mapping_rx) = tokio::sync::watch::channel(mapping.clone());
+    let (port_updates, port_rx) = tokio::sync::watch::channel(port_links(&ports));
     let persist = config.broker.persistence;
     let mut registry = if persist {
         registry::Registry::load(&config.data_dir)
     } else {
         registry::Registry::default()
     };
-    if let Some(u) = &uplink {
-        registry.restore_dedupe(&u.outbox.states());
+    if let Some(ob) = &outbox {
+        registry.restore_dedupe(&ob.states());
     }
     let (failed_tx, failed_rx) = tokio::sync::mpsc::channel(64);
     let pipeline = pipeline::Pipeline {
@@ -224,21 +358,17 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         broker: broker.handle(),
         data_dir: config.data_dir.clone(),
         persist,
-        ports: ports
-            .iter()
-            .map(|p| (p.config.name.clone(), p.stats.clone()))
-            .collect(),
+        ports: port_links(&ports),
         status_interval: config.broker.sys_interval,
         boot_id: random_u32(),
         next_seq: 0,
-        downlinks: ports
-            .iter()
-            .map(|p| (p.config.name.clone(), p.downlink.clone()))
-            .collect(),
         hello_requested: Default::default(),
         failed_tx,
         failed_rx,
-        uplink: uplink.as_ref().map(|u| (u.stats.clone(), u.outbox.clone())),
+        uplink: match (&uplink, &outbox) {
+            (Some(u), Some(ob)) => Some((u.stats.clone(), ob.clone())),
+            _ => None,
+        },
     };
     let commands = broker
         .handle()
@@ -248,14 +378,17 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         )
         .await
         .map_err(|_| Error::Stopped)?;
-    let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx, commands));
+    let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx, commands, port_rx));
     Ok(Gateway {
-        uplink,
+        config: Box::new(config),
         broker,
         ports,
-        stop_ports,
+        inbound,
         pipeline,
         mapping: mapping_tx,
+        port_updates,
+        outbox,
+        uplink,
     })
 }
 
@@ -290,16 +423,65 @@ fn random_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// Runs the gateway until `shutdown` completes, then stops it cleanly.
+/// Runs the gateway until `shutdown` completes, then stops it cleanly. SIGHUP reloads the
+/// configuration file it was started from; a file that fails validation is refused with a log
+/// line and the running configuration stays.
 pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let gateway = start(config).await?;
+    let mut gateway = start(config).await?;
     for addr in gateway.local_addrs() {
         tracing::info!(%addr, "MQTT broker listening");
     }
-    shutdown.await;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                reload_from_file(&mut gateway).await;
+            }
+        }
+    }
     tracing::info!("shutting down");
     gateway.shutdown().await;
     Ok(())
+}
+
+/// Re-reads the configuration file and applies it; logs the outcome either way.
+pub async fn reload_from_file(gateway: &mut Gateway) -> Option<ReloadReport> {
+    let Some(path) = gateway.config().source.clone() else {
+        tracing::warn!(
+            "SIGHUP: running with the embedded default configuration; nothing to reload"
+        );
+        return None;
+    };
+    let new = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("configuration reload refused; the running configuration stays:\n{e}");
+            return None;
+        }
+    };
+    match gateway.reload(new).await {
+        Ok(report) => {
+            tracing::info!(
+                added = ?report.ports_added,
+                removed = ?report.ports_removed,
+                restarted = ?report.ports_restarted,
+                mapping = report.mapping_changed,
+                upstream = report.upstream_changed,
+                "configuration reloaded from {}",
+                path.display()
+            );
+            if !report.needs_restart.is_empty() {
+                tracing::warn!(settings = ?report.needs_restart, "these changes take effect after a restart");
+            }
+            Some(report)
+        }
+        Err(e) => {
+            tracing::error!("configuration reload failed: {e}");
+            None
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

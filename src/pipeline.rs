@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::BrokerHandle;
 use crate::broker::codec::QoS;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::broker::InternalMessage;
 use crate::decode::{Body, FrameId, NodeCommand, Observation, SensorInfo};
@@ -24,14 +24,12 @@ pub struct Pipeline {
     pub broker: BrokerHandle,
     pub data_dir: PathBuf,
     pub persist: bool,
-    /// Ports whose counters are published, by name.
-    pub ports: Vec<(String, Arc<PortStats>)>,
+    /// The ports: counters to publish, downlinks for acks and commands. Replaced on reload.
+    pub ports: Vec<PortLink>,
     pub status_interval: Duration,
     /// Numbers the gateway's own frames (commands) so node acks can be matched.
     pub boot_id: u32,
     pub next_seq: u32,
-    /// Each port's downlink, by port name: commands go to the port a node was last heard on.
-    pub downlinks: HashMap<String, mpsc::Sender<Downlink>>,
     /// Nodes asked to repeat their `Hello` in this boot, so it is asked once.
     pub hello_requested: HashSet<(String, u32)>,
     /// Frames whose readings could not be made durable, to forget in the dedupe window.
@@ -39,6 +37,15 @@ pub struct Pipeline {
     pub failed_rx: mpsc::Receiver<(String, FrameId)>,
     /// The uplink's counters and the outbox, for `$SYS/sensorgate/...`.
     pub uplink: Option<(Arc<crate::uplink::UplinkStats>, crate::outbox::Outbox)>,
+}
+
+/// What the pipeline knows of one port.
+#[derive(Clone)]
+pub struct PortLink {
+    pub name: String,
+    pub stats: Arc<PortStats>,
+    /// Commands go to the port a node was last heard on.
+    pub downlink: mpsc::Sender<Downlink>,
 }
 
 /// Commands waiting for the pipeline.
@@ -56,6 +63,7 @@ impl Pipeline {
         mut inbound: mpsc::Receiver<Inbound>,
         mut mapping_updates: watch::Receiver<Arc<Mapping>>,
         mut commands: mpsc::Receiver<InternalMessage>,
+        mut port_updates: watch::Receiver<Vec<PortLink>>,
     ) {
         let mut status = tokio::time::interval(self.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -74,6 +82,9 @@ impl Pipeline {
                     }
                 }
                 Some(cmd) = commands.recv() => self.command(cmd).await,
+                Ok(()) = port_updates.changed() => {
+                    self.ports = port_updates.borrow_and_update().clone();
+                }
                 Some((node, frame)) = self.failed_rx.recv() => self.registry.forget(&node, frame),
                 changed = mapping_updates.changed() => {
                     if changed.is_ok() {
@@ -288,7 +299,13 @@ impl Pipeline {
             }
         };
         let port = self.registry.get(node).map(|r| r.port.clone());
-        let Some(route) = port.and_then(|p| self.downlinks.get(&p)).cloned() else {
+        let route = port.and_then(|p| {
+            self.ports
+                .iter()
+                .find(|l| l.name == p)
+                .map(|l| l.downlink.clone())
+        });
+        let Some(route) = route else {
             let why = format!("node {node} has never been heard on a configured port");
             tracing::warn!("cannot send a command: {why}");
             let body = format!(
@@ -358,7 +375,7 @@ impl Pipeline {
                     .await;
             }
         }
-        for (name, s) in &self.ports {
+        for PortLink { name, stats: s, .. } in &self.ports {
             let base = format!("$SYS/sensorgate/ports/{name}");
             let values = [
                 (

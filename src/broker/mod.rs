@@ -141,6 +141,17 @@ impl BrokerHandle {
         self.tx.send(cmd).await.map_err(|_| Stopped)
     }
 
+    /// Replaces the forwarding rules and outbox (start-up and configuration reload).
+    pub async fn set_forward(
+        &self,
+        forward: Option<Arc<crate::uplink::Forward>>,
+    ) -> Result<(), Stopped> {
+        self.tx
+            .send(Command::SetForward(forward))
+            .await
+            .map_err(|_| Stopped)
+    }
+
     /// Subscribes in-process to a valid `filter`: live messages (not retained ones) arrive on
     /// the returned channel; when it is full, further messages are dropped and counted.
     pub async fn subscribe(

@@ -83,6 +83,8 @@ pub enum Command {
         filter: String,
         tx: mpsc::Sender<InternalMessage>,
     },
+    /// Replaces the forwarding rules (configuration reload).
+    SetForward(Option<Arc<crate::uplink::Forward>>),
     /// Save state and close every connection.
     Shutdown {
         done: oneshot::Sender<()>,
@@ -380,6 +382,13 @@ impl Router {
                 }
             }
             Command::Durable { conn, token, ok } => self.on_durable(conn, token, ok),
+            Command::SetForward(forward) => {
+                let had_none = self.config.forward.is_none();
+                self.config.forward = forward;
+                if had_none {
+                    self.restore_qos2_from_outbox();
+                }
+            }
             Command::SubscribeInternal { filter, tx } => self.internal.push((filter, tx)),
             Command::Shutdown { done } => {
                 let _ = done.send(());

@@ -86,16 +86,14 @@ pub struct Port {
     pub config: PortConfig,
     pub stats: Arc<PortStats>,
     pub downlink: mpsc::Sender<Downlink>,
+    stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Port {
     /// Starts reading `config`'s device; observations go to `inbound`.
-    pub fn spawn(
-        config: PortConfig,
-        inbound: mpsc::Sender<Inbound>,
-        stop: watch::Receiver<bool>,
-    ) -> Port {
+    pub fn spawn(config: PortConfig, inbound: mpsc::Sender<Inbound>) -> Port {
+        let (stop_tx, stop) = watch::channel(false);
         let stats = Arc::new(PortStats::default());
         let (downlink, rx) = mpsc::channel(DOWNLINK_QUEUE);
         let task = tokio::spawn(run(
@@ -110,18 +108,15 @@ impl Port {
             config,
             stats,
             downlink,
+            stop: stop_tx,
             task,
         }
     }
 
-    /// Waits for the task to end (after the stop signal).
-    pub async fn join(self) {
+    /// Stops reading (a partial frame is counted), closes the device and waits for the task.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
         let _ = self.task.await;
-    }
-
-    /// Stops this port alone (configuration reload).
-    pub fn abort(&self) {
-        self.task.abort();
     }
 }
 

@@ -212,7 +212,7 @@ impl Gateway {
         }
         self.ports = keep;
         let _ = self.port_updates.send(port_links(&self.ports));
-        self.config = Box::new(new);
+        *self.config = new;
         Ok(report)
     }
 

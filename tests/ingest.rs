@@ -458,3 +458,84 @@ async fn readings_from_an_unknown_channel_make_the_gateway_ask_for_a_hello() {
     assert_eq!(cmd.body, wire::Body::Command(wire::Command::SendHello));
     s.gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_lines_port_publishes_key_value_and_json_lines() {
+    let (s, mut pty) = start("", "lines").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/#").await;
+    pty.master
+        .write_all(b"node=17 temperature=21.50 hum=48\r\n")
+        .await
+        .unwrap();
+    pty.master
+        .write_all(b"{\"node\":\"boiler\",\"pressure\":1.2}\n")
+        .await
+        .unwrap();
+    pty.master
+        .write_all(b"this is not a reading\n# a comment\n")
+        .await
+        .unwrap();
+    pty.master
+        .write_all(b"node=17 temperature=22.00\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/room/17/temp".into(), "21.50".into())
+    );
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/kitchen/hum".into(), "48".into())
+    );
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/boiler/pressure".into(), "1.2".into())
+    );
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/room/17/temp".into(), "22.00".into())
+    );
+    let stats = &s.gw.port_stats()[0].1;
+    assert_eq!(
+        stats
+            .errors_undecodable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_mysensors_port_uses_presentations_and_publishes_sets() {
+    let (s, mut pty) = start("", "mysensors").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/#").await;
+    let capture = b"0;255;3;0;14;Gateway startup complete.\n\
+17;255;0;0;17;2.3.2\n\
+17;0;0;0;6;Kitchen temperature\n\
+17;1;0;0;7;Kitchen humidity\n\
+17;0;1;0;0;21.5\n\
+17;1;1;0;1;48.2\n\
+17;x;1;0;0;oops\n\
+17;0;1;0;0;21.7\n";
+    pty.master.write_all(capture).await.unwrap();
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/room/17/temp".into(), "21.5".into())
+    );
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/kitchen/humidity".into(), "48.2".into())
+    );
+    assert_eq!(
+        next_publish(&mut events).await,
+        ("sensors/room/17/temp".into(), "21.7".into())
+    );
+    let stats = &s.gw.port_stats()[0].1;
+    assert_eq!(
+        stats
+            .errors_undecodable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    s.gw.shutdown().await;
+}

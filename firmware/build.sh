@@ -12,7 +12,6 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 node_dir="$here/node"
 images="$node_dir/target/images"
-emu_node_id=0x00C0FFEE
 
 cd "$node_dir"   # so rust-toolchain.toml applies
 if ! rustup target list --installed | grep -qx thumbv6m-none-eabi; then
@@ -38,8 +37,8 @@ build() { # name, cargo args...
 }
 build uart
 build usb --no-default-features --features transport-usb
-# Its own target dir: a different node id would otherwise rebuild the hardware images each time.
-SENSORGATE_NODE_ID=$emu_node_id CARGO_TARGET_DIR="$node_dir/target/emu" build emu
+# A feature of the node crate only: the dependencies are shared with the hardware images.
+build emu --features emulator
 
 # Flash = what is programmed (boot2, vectors, code, read-only data, .data initialisers);
 # static RAM = .data + .bss + .uninit (the stack takes the rest of the 264 KiB).

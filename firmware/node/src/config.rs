@@ -15,6 +15,8 @@ pub const FIRMWARE: FirmwareVersion = FirmwareVersion {
 };
 
 pub const DEFAULT_INTERVAL_S: u32 = 60;
+/// The node id of the `emulator` build (0x00C0FFEE).
+pub const EMULATOR_NODE_ID: u32 = 0x00C0_FFEE;
 pub const HEARTBEAT_INTERVAL_S: u32 = 60;
 /// The Pico's flash size.
 const FLASH_SIZE: usize = 2 * 1024 * 1024;
@@ -23,6 +25,10 @@ const FLASH_SIZE: usize = 2 * 1024 * 1024;
 pub fn node_id(flash: Peri<'static, FLASH>) -> u32 {
     if let Some(id) = option_env!("SENSORGATE_NODE_ID").and_then(parse_u32) {
         return id;
+    }
+    // The emulator has no boot ROM to read the flash id with: a fixed, recognisable id.
+    if cfg!(feature = "emulator") {
+        return EMULATOR_NODE_ID;
     }
     let mut flash: Flash<'_, FLASH, Blocking, FLASH_SIZE> = Flash::new_blocking(flash);
     let mut uid = [0u8; 8];

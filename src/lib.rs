@@ -363,6 +363,7 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         boot_id: random_u32(),
         next_seq: 0,
         hello_requested: Default::default(),
+        pending_commands: Default::default(),
         failed_tx,
         failed_rx,
         uplink: match (&uplink, &outbox) {

@@ -189,11 +189,19 @@ impl Monitor {
                 ("heartbeat", parts.join(", "))
             }
             Body::Log { level, text } => ("log", format!("{level}: {text}")),
-            Body::CommandAck { of, accepted } => (
+            Body::CommandAck {
+                of,
+                accepted,
+                reason,
+            } => (
                 "cmd-ack",
                 format!(
-                    "{} boot {:08x} seq {}",
+                    "{}{} boot {:08x} seq {}",
                     if *accepted { "accepted" } else { "refused" },
+                    reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default(),
                     of.boot_id,
                     of.seq
                 ),

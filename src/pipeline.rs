@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::BrokerHandle;
 use crate::broker::codec::QoS;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::broker::InternalMessage;
 use crate::decode::{Body, FrameId, NodeCommand, Observation, SensorInfo};
@@ -32,6 +32,8 @@ pub struct Pipeline {
     pub next_seq: u32,
     /// Nodes asked to repeat their `Hello` in this boot, so it is asked once.
     pub hello_requested: HashSet<(String, u32)>,
+    /// Commands sent and not yet answered, by (node, seq): their names for the result.
+    pub pending_commands: HashMap<(String, u32), &'static str>,
     /// Frames whose readings could not be made durable, to forget in the dedupe window.
     pub failed_tx: mpsc::Sender<(String, FrameId)>,
     pub failed_rx: mpsc::Receiver<(String, FrameId)>,
@@ -47,6 +49,9 @@ pub struct PortLink {
     /// Commands go to the port a node was last heard on.
     pub downlink: mpsc::Sender<Downlink>,
 }
+
+/// Unanswered commands remembered for their results; older ones are forgotten past this.
+const MAX_PENDING_COMMANDS: usize = 256;
 
 /// Commands waiting for the pipeline.
 pub const COMMAND_QUEUE: usize = 64;
@@ -202,13 +207,30 @@ impl Pipeline {
             Body::Log { level, text } => {
                 tracing::info!(node = %node, port = %port, %level, "node says: {text}")
             }
-            Body::CommandAck { of, accepted } => {
-                tracing::info!(node = %node, seq = of.seq, accepted, "node answered a command");
+            Body::CommandAck {
+                of,
+                accepted,
+                reason,
+            } => {
+                tracing::info!(node = %node, seq = of.seq, accepted, ?reason, "node answered a command");
+                if of.boot_id != self.boot_id {
+                    // An answer to a command from before the gateway restarted.
+                    return true;
+                }
+                let command = self.pending_commands.remove(&(node.clone(), of.seq));
                 let topic = format!(
                     "sensorgate/{}/nodes/{node}/command-result",
                     self.mapping.gateway
                 );
-                let payload = format!("{{\"seq\":{},\"accepted\":{accepted}}}", of.seq);
+                let mut payload = format!("{{\"seq\":{}", of.seq);
+                if let Some(c) = command {
+                    payload.push_str(&format!(",\"command\":\"{c}\""));
+                }
+                payload.push_str(&format!(",\"accepted\":{accepted}"));
+                if let Some(r) = reason {
+                    payload.push_str(&format!(",\"reason\":\"{r}\""));
+                }
+                payload.push('}');
                 if self
                     .broker
                     .publish(topic, payload, QoS::AtLeastOnce, false)
@@ -287,10 +309,7 @@ impl Pipeline {
             Ok(c) => c,
             Err(why) => {
                 tracing::warn!(%node, "refused a command: {why}");
-                let body = format!(
-                    "{{\"error\":{}}}",
-                    serde_json::to_string(&why).unwrap_or_default()
-                );
+                let body = error_result(name, &why);
                 let _ = self
                     .broker
                     .publish(result_topic, body, QoS::AtLeastOnce, false)
@@ -308,10 +327,7 @@ impl Pipeline {
         let Some(route) = route else {
             let why = format!("node {node} has never been heard on a configured port");
             tracing::warn!("cannot send a command: {why}");
-            let body = format!(
-                "{{\"error\":{}}}",
-                serde_json::to_string(&why).unwrap_or_default()
-            );
+            let body = error_result(command.name(), &why);
             let _ = self
                 .broker
                 .publish(result_topic, body, QoS::AtLeastOnce, false)
@@ -320,6 +336,11 @@ impl Pipeline {
         };
         let id = self.next_id();
         tracing::info!(%node, ?command, seq = id.seq, "sending a command");
+        if self.pending_commands.len() >= MAX_PENDING_COMMANDS {
+            self.pending_commands.clear();
+        }
+        self.pending_commands
+            .insert((node.to_string(), id.seq), command.name());
         let _ = route
             .send(Downlink::Command {
                 node: node.to_string(),
@@ -405,6 +426,12 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// `{"command":"interval","error":"..."}`: the gateway refused or could not send a command.
+fn error_result(command: &str, why: &str) -> String {
+    let q = |t: &str| serde_json::to_string(t).unwrap_or_default();
+    format!("{{\"command\":{},\"error\":{}}}", q(command), q(why))
 }
 
 fn merge_sensor(sensors: &mut std::collections::BTreeMap<u16, SensorInfo>, s: &SensorInfo) {

@@ -441,7 +441,10 @@ async fn a_command_published_over_mqtt_reaches_the_node_and_its_ack_comes_back()
     assert_eq!(topic, "sensorgate/gw1/nodes/17/command-result");
     assert_eq!(
         payload,
-        format!("{{\"seq\":{},\"accepted\":true}}", cmd.header.seq)
+        format!(
+            "{{\"seq\":{},\"command\":\"interval\",\"accepted\":true}}",
+            cmd.header.seq
+        )
     );
     s.gw.shutdown().await;
 }

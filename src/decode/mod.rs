@@ -78,10 +78,12 @@ pub enum Body {
         level: String,
         text: String,
     },
-    /// The node acknowledged a command the gateway sent (`accepted` false for a refusal).
+    /// The node acknowledged a command the gateway sent (`accepted` false for a refusal,
+    /// with the node's reason when it gives one).
     CommandAck {
         of: FrameId,
         accepted: bool,
+        reason: Option<String>,
     },
 }
 
@@ -165,6 +167,16 @@ pub enum NodeCommand {
 }
 
 impl NodeCommand {
+    /// The name used in command topics.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeCommand::SetInterval(_) => "interval",
+            NodeCommand::Identify(_) => "identify",
+            NodeCommand::Reboot => "reboot",
+            NodeCommand::SendHello => "hello",
+        }
+    }
+
     /// Parses a command topic's last level and its payload.
     pub fn parse(name: &str, payload: &str) -> Result<NodeCommand, String> {
         let payload = payload.trim();

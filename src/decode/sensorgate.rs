@@ -90,6 +90,10 @@ pub fn observation(
                 seq: ack.of.seq,
             },
             accepted: matches!(ack.status, wire::AckStatus::Accepted),
+            reason: match ack.status {
+                wire::AckStatus::Accepted => None,
+                wire::AckStatus::Rejected(r) => Some(r.name().to_string()),
+            },
         },
         WireBody::Relayed(relayed) => {
             let inner = relayed.inner_frame()?;

@@ -37,8 +37,7 @@ pub use rules::Forward;
 const READ_BATCH: usize = 256;
 /// QoS 0 messages waiting for the link when they are not stored (`store-qos0 = false`).
 pub const LIVE_QUEUE: usize = 1024;
-/// Packet ids the uplink keeps for itself (presence and subscriptions); records use the rest.
-const STATUS_PKID: u16 = u16::MAX;
+/// Packet ids the uplink keeps for itself (subscriptions); records use the rest.
 const SUBSCRIBE_PKID: u16 = u16::MAX - 1;
 
 /// Counters and state of the uplink, for `$SYS` and the status topic.
@@ -161,13 +160,16 @@ impl Uplink {
         let mut incoming_qos2: HashSet<u16> = HashSet::new();
         let mut superseded = self.superseded_backlog().await;
 
-        // Presence: retained "online" (the will says "offline").
+        // Presence: retained "online" (the will says "offline"). QoS 0: a new QoS 1/2
+        // publish sent before the session's resumed ones can find the upstream's in-flight
+        // quota full of our unreleased QoS 2 messages (mosquitto then closes the connection,
+        // on every reconnect). Lost with the link at worst, and then the will fires.
         let status = Publish {
             dup: false,
-            qos: QoS::AtLeastOnce,
+            qos: QoS::AtMostOnce,
             retain: true,
             topic: self.config.status_topic.clone(),
-            pkid: STATUS_PKID,
+            pkid: 0,
             payload: Bytes::from_static(b"online"),
         };
         if let Err(e) = conn.send(&Packet::Publish(status)).await {
@@ -324,7 +326,6 @@ impl Uplink {
                     };
                     last_heard = Instant::now();
                     match packet {
-                        Packet::PubAck(pkid) if pkid == STATUS_PKID => {}
                         Packet::PubAck(pkid) => {
                             if let Some(f) = inflight.remove(&pkid) {
                                 self.outbox.ack(f.id);

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use crate::broker::BrokerHandle;
 use crate::broker::codec::{Packet, Publish, QoS, SubAckCode};
 use crate::config::{Backlog, UpstreamConfig};
-use crate::outbox::{AppendError, Outbox, Pending, Qos, Record};
+use crate::outbox::{AppendError, Outbox, OutboxError, Pending, Qos, Record, Ticket};
 pub use client::{ConnectError, Connection, connect, tls_config};
 pub use rules::Forward;
 
@@ -155,8 +155,10 @@ impl Uplink {
         let mut cursor = self.outbox.cursor();
         let mut sent: HashSet<u64> = HashSet::new();
         let mut next_pkid: u16 = 1;
-        let (released_tx, mut released_rx) =
-            mpsc::channel::<(u16, bool)>(self.config.inflight as usize + 8);
+        // PUBRECs whose released state is being committed, in arrival order: PUBRELs go out
+        // in the same order, since the upstream delivers a QoS 2 message on PUBREL
+        // (invariant 7). Commits complete in queue order, so waiting on the front is enough.
+        let mut releasing: VecDeque<(u16, Ticket<(), OutboxError>)> = VecDeque::new();
         let mut incoming_qos2: HashSet<u16> = HashSet::new();
         let mut superseded = self.superseded_backlog().await;
 
@@ -339,12 +341,7 @@ impl Uplink {
                                     let _ = conn.send(&Packet::PubRel(pkid)).await;
                                 } else {
                                     // Released is durable before PUBREL goes out.
-                                    let ticket = self.outbox.mark_released(f.id);
-                                    let tx = released_tx.clone();
-                                    tokio::spawn(async move {
-                                        let ok = ticket.await.is_ok();
-                                        let _ = tx.send((pkid, ok)).await;
-                                    });
+                                    releasing.push_back((pkid, self.outbox.mark_released(f.id)));
                                 }
                             }
                         }
@@ -377,8 +374,9 @@ impl Uplink {
                         other => return Ended::Lost(format!("unexpected packet from the upstream: {other:?}")),
                     }
                 }
-                Some((pkid, ok)) = released_rx.recv() => {
-                    if !ok {
+                committed = async { (&mut releasing.front_mut().expect("not empty").1).await }, if !releasing.is_empty() => {
+                    let Some((pkid, _)) = releasing.pop_front() else { continue };
+                    if committed.is_err() {
                         return Ended::Lost("the outbox could not record a PUBREC".into());
                     }
                     if let Some(f) = inflight.get_mut(&pkid) {

@@ -333,3 +333,72 @@ async fn an_upstream_restart_with_its_session_kept_loses_nothing() {
 async fn an_upstream_restart_that_forgot_the_session_loses_nothing() {
     restart_upstream(false).await;
 }
+
+#[tokio::test]
+async fn a_message_from_upstream_reaches_local_subscribers_and_is_not_forwarded_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Mosquitto::start(dir.path(), MosqOptions::default()).await;
+    let sink = Sink::spawn(up.addr(), "counter", 1, &["#"]).await;
+    // The out-rule matches the local topic the in-rule publishes to: a loop if it forwarded.
+    let rules = r#"
+[[upstream.out]]
+filter = "local/#"
+remote-prefix = "up/"
+qos = 1
+
+[[upstream.in]]
+filter = "cmd/{gateway}/#"
+remote-prefix = "cmd/{gateway}/"
+local-prefix = "local/cmd/"
+qos = 1
+"#;
+    let text = gateway_toml(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &format!("mqtt://{}", up.addr()),
+        "",
+        rules,
+        "",
+    );
+    let gw = start_gateway(&text).await;
+    let local = gw.local_addrs()[0];
+    let (mut c, _) = Raw::connect(local, "listener", true).await;
+    c.subscribe(1, &[("local/#", 1)]).await;
+    // Connected and subscribed upstream once "online" is there (SUBSCRIBE follows it).
+    sink.wait("online", LONG, |st| {
+        st.payloads(STATUS).iter().any(|p| p == "online")
+    })
+    .await;
+    let up_pub = Raw::connect(up.addr(), "commander", true).await.0;
+    let mut up_pub = up_pub;
+    up_pub
+        .publish_acked("cmd/gw1/nodes/3/set", b"reboot", 1, 1)
+        .await;
+    let m = tokio::time::timeout(LONG, c.recv_publish())
+        .await
+        .expect("the command reaches the local subscriber");
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("local/cmd/nodes/3/set", &b"reboot"[..])
+    );
+    c.ack_publish(&m).await;
+    // A local message after it goes up; once it arrived, the command would have too.
+    c.publish_acked("local/marker", b"m", 1, 2).await;
+    sink.wait("the marker", LONG, |st| {
+        !st.payloads("up/local/marker").is_empty()
+    })
+    .await;
+    let echoed = sink.with(|st| {
+        st.msgs
+            .iter()
+            .filter(|m| m.topic.starts_with("up/local/cmd"))
+            .count()
+    });
+    assert_eq!(echoed, 0, "the command was forwarded back upstream");
+    assert_eq!(
+        gw.outbox().unwrap().stats().next_id,
+        2,
+        "only the marker was stored"
+    );
+    gw.shutdown().await;
+}

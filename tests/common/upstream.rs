@@ -88,7 +88,7 @@ impl Mosquitto {
         assert!(self.child.is_none(), "stop it first");
         let mut conf = format!(
             "user root\nlistener {} 127.0.0.1\nmax_queued_messages 0\nlog_dest stderr\n\
-             log_type all\n",
+             log_type error\nlog_type warning\nlog_type notice\n",
             self.port
         );
         if let Some((ca, cert, key)) = &self.opts.tls {

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use crate::broker::BrokerHandle;
 use crate::broker::codec::{Packet, Publish, QoS, SubAckCode};
 use crate::config::{Backlog, UpstreamConfig};
-use crate::outbox::{AppendError, Outbox, Pending, Qos, Record};
+use crate::outbox::{AppendError, Outbox, OutboxError, Pending, Qos, Record, Ticket};
 pub use client::{ConnectError, Connection, connect, tls_config};
 pub use rules::Forward;
 
@@ -37,8 +37,7 @@ pub use rules::Forward;
 const READ_BATCH: usize = 256;
 /// QoS 0 messages waiting for the link when they are not stored (`store-qos0 = false`).
 pub const LIVE_QUEUE: usize = 1024;
-/// Packet ids the uplink keeps for itself (presence and subscriptions); records use the rest.
-const STATUS_PKID: u16 = u16::MAX;
+/// Packet ids the uplink keeps for itself (subscriptions); records use the rest.
 const SUBSCRIBE_PKID: u16 = u16::MAX - 1;
 
 /// Counters and state of the uplink, for `$SYS` and the status topic.
@@ -156,18 +155,23 @@ impl Uplink {
         let mut cursor = self.outbox.cursor();
         let mut sent: HashSet<u64> = HashSet::new();
         let mut next_pkid: u16 = 1;
-        let (released_tx, mut released_rx) =
-            mpsc::channel::<(u16, bool)>(self.config.inflight as usize + 8);
+        // PUBRECs whose released state is being committed, in arrival order: PUBRELs go out
+        // in the same order, since the upstream delivers a QoS 2 message on PUBREL
+        // (invariant 7). Commits complete in queue order, so waiting on the front is enough.
+        let mut releasing: VecDeque<(u16, Ticket<(), OutboxError>)> = VecDeque::new();
         let mut incoming_qos2: HashSet<u16> = HashSet::new();
         let mut superseded = self.superseded_backlog().await;
 
-        // Presence: retained "online" (the will says "offline").
+        // Presence: retained "online" (the will says "offline"). QoS 0: a new QoS 1/2
+        // publish sent before the session's resumed ones can find the upstream's in-flight
+        // quota full of our unreleased QoS 2 messages (mosquitto then closes the connection,
+        // on every reconnect). Lost with the link at worst, and then the will fires.
         let status = Publish {
             dup: false,
-            qos: QoS::AtLeastOnce,
+            qos: QoS::AtMostOnce,
             retain: true,
             topic: self.config.status_topic.clone(),
-            pkid: STATUS_PKID,
+            pkid: 0,
             payload: Bytes::from_static(b"online"),
         };
         if let Err(e) = conn.send(&Packet::Publish(status)).await {
@@ -324,7 +328,6 @@ impl Uplink {
                     };
                     last_heard = Instant::now();
                     match packet {
-                        Packet::PubAck(pkid) if pkid == STATUS_PKID => {}
                         Packet::PubAck(pkid) => {
                             if let Some(f) = inflight.remove(&pkid) {
                                 self.outbox.ack(f.id);
@@ -338,12 +341,7 @@ impl Uplink {
                                     let _ = conn.send(&Packet::PubRel(pkid)).await;
                                 } else {
                                     // Released is durable before PUBREL goes out.
-                                    let ticket = self.outbox.mark_released(f.id);
-                                    let tx = released_tx.clone();
-                                    tokio::spawn(async move {
-                                        let ok = ticket.await.is_ok();
-                                        let _ = tx.send((pkid, ok)).await;
-                                    });
+                                    releasing.push_back((pkid, self.outbox.mark_released(f.id)));
                                 }
                             }
                         }
@@ -376,8 +374,9 @@ impl Uplink {
                         other => return Ended::Lost(format!("unexpected packet from the upstream: {other:?}")),
                     }
                 }
-                Some((pkid, ok)) = released_rx.recv() => {
-                    if !ok {
+                committed = async { (&mut releasing.front_mut().expect("not empty").1).await }, if !releasing.is_empty() => {
+                    let Some((pkid, _)) = releasing.pop_front() else { continue };
+                    if committed.is_err() {
                         return Ended::Lost("the outbox could not record a PUBREC".into());
                     }
                     if let Some(f) = inflight.get_mut(&pkid) {

@@ -6,6 +6,9 @@
 //! instead, to check the tests themselves against a reference broker.
 #![allow(dead_code)]
 
+pub mod proxy;
+pub mod upstream;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,203 @@
+//! A misconfigured uplink (wrong CA, wrong password) says why in `UplinkStats.last_error`,
+//! keeps storing, and delivers everything once the gateway restarts with the fix.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::Raw;
+use common::upstream::{MosqOptions, Mosquitto, Sink, gateway_toml, start_gateway};
+
+const LONG: Duration = Duration::from_secs(30);
+const RULES: &str = r#"
+[[upstream.out]]
+filter = "sensors/#"
+remote-prefix = "site/{gateway}/"
+qos = 1
+"#;
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("tool runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the `openssl` CLI.
+fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem"))
+        .args(["-subj", &format!("/CN={name} test CA")]));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(p("server.key"))
+        .arg("-out")
+        .arg(p("server.csr")));
+    std::fs::write(p("ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("server.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("ext"))
+        .arg("-out")
+        .arg(p("server.pem")));
+    (p("ca.pem"), p("server.pem"), p("server.key"))
+}
+
+async fn last_error(gw: &sensorgate::Gateway, contains: &str) -> String {
+    let stats = gw.uplink_stats().unwrap();
+    tokio::time::timeout(LONG, async {
+        loop {
+            let e = stats.last_error.lock().unwrap().clone();
+            if e.contains(contains) {
+                return e;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "last_error never mentioned {contains:?}: {:?}",
+            stats.last_error.lock().unwrap()
+        )
+    })
+}
+
+/// Publishes 50 messages while the uplink fails, checks they are stored, restarts the gateway
+/// with `fixed`, and waits for all of them upstream.
+async fn store_then_deliver(sink: &Sink, broken: &str, fixed: &str, why: &str) {
+    let gw = start_gateway(broken).await;
+    let (mut c, _) = Raw::connect(gw.local_addrs()[0], "producer", true).await;
+    for i in 0..50u16 {
+        c.publish_acked("sensors/a", format!("m{i}").as_bytes(), 1, i + 1)
+            .await;
+    }
+    let e = last_error(&gw, why).await;
+    println!("uplink error: {e}");
+    assert_eq!(gw.outbox().unwrap().stats().depth, 50, "all kept");
+    assert!(
+        !gw.uplink_stats()
+            .unwrap()
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    gw.shutdown().await;
+
+    let gw = start_gateway(fixed).await;
+    let want: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    sink.wait("all stored messages", LONG, |s| {
+        s.payloads("site/gw1/sensors/a") == want
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wrong_ca_is_reported_and_nothing_is_lost_once_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "good");
+    let (wrong_ca, _, _) = certificates(dir.path(), "other");
+    let up = Mosquitto::start(
+        dir.path(),
+        MosqOptions {
+            tls: Some((ca.clone(), cert, key)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ca_arg = ca.display().to_string();
+    let sink = Sink::spawn_with(up.addr(), "counter", 1, &["site/#"], &["--cafile", &ca_arg]).await;
+    let url = format!("mqtts://127.0.0.1:{}", up.port);
+    let data = dir.path().join("data");
+    let with_ca = |ca: &Path| {
+        gateway_toml(
+            &data,
+            "127.0.0.1:0",
+            &url,
+            &format!("ca-file = {:?}", ca.display().to_string()),
+            RULES,
+            "",
+        )
+    };
+    store_then_deliver(&sink, &with_ca(&wrong_ca), &with_ca(&ca), "TLS handshake").await;
+}
+
+#[tokio::test]
+async fn bad_credentials_are_reported_and_nothing_is_lost_once_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "").unwrap();
+    run(Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["gw", "right-secret"]));
+    run(Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["reader", "reader-secret"]));
+    let up = Mosquitto::start(
+        dir.path(),
+        MosqOptions {
+            password_file: Some(passwd),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sink = Sink::spawn_with(
+        up.addr(),
+        "counter",
+        1,
+        &["site/#"],
+        &["-u", "reader", "-P", "reader-secret"],
+    )
+    .await;
+    let url = format!("mqtt://{}", up.addr());
+    let data = dir.path().join("data");
+    let with_password = |secret: &str, file: &str| {
+        let path = dir.path().join(file);
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        gateway_toml(
+            &data,
+            "127.0.0.1:0",
+            &url,
+            &format!(
+                "username = \"gw\"\npassword-file = {:?}",
+                path.display().to_string()
+            ),
+            RULES,
+            "",
+        )
+    };
+    store_then_deliver(
+        &sink,
+        &with_password("wrong", "bad.pw"),
+        &with_password("right-secret", "good.pw"),
+        "refused",
+    )
+    .await;
+}

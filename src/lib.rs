@@ -299,6 +299,7 @@ fn start_uplink(
         stats: stats.clone(),
         password,
         tls,
+        attempted: Default::default(),
     };
     let task = tokio::spawn(task.run(stop_rx));
     Ok((forward, RunningUplink { stats, stop, task }))

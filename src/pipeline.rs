@@ -176,6 +176,18 @@ impl Pipeline {
                     let Some(p) = self.mapping.map(&port, &node, &reading, facts) else {
                         continue;
                     };
+                    if self.uplink.is_none() {
+                        // Nothing is forwarded: accepted by the broker is all there is to wait for.
+                        if self
+                            .broker
+                            .publish(p.topic, p.payload, p.qos, p.retain)
+                            .await
+                            .is_err()
+                        {
+                            return false;
+                        }
+                        continue;
+                    }
                     let state = if i + 1 == count { dedupe.clone() } else { None };
                     match self
                         .broker
@@ -189,7 +201,9 @@ impl Pipeline {
                 // Published in order into the broker. The node's ack waits until every reading
                 // of the frame is durable in the outbox (invariant 1); until then the node keeps
                 // the frame and retransmits it, and dedupe keeps that exactly once.
-                if let Some(frame) = frame {
+                if let (Some(frame), true) = (frame, durable.is_empty()) {
+                    let _ = reply.try_send(Downlink::Ack { node, frame });
+                } else if let Some(frame) = frame {
                     let failed = self.failed_tx.clone();
                     tokio::spawn(async move {
                         for done in durable {

@@ -289,12 +289,14 @@ impl Validator<'_> {
                 "use mqtts://host:8883",
             ));
         }
-        let inflight = raw.inflight.unwrap_or(64);
+        // Mosquitto's default `max_inflight_messages`: more in flight and it disconnects a
+        // QoS 2 publisher, which MQTT 3.1.1 gives no way to learn in advance.
+        let inflight = raw.inflight.unwrap_or(20);
         if !(1..=1000).contains(&inflight) {
             return Err(self.error(
                 &at("inflight"),
                 format!("{inflight} is out of range"),
-                "use 1 to 1000 (64 is a good start)",
+                "use 1 to 1000, at most the upstream's own limit (Mosquitto: 20)",
             ));
         }
         let keep_alive = self.duration_or(

@@ -70,6 +70,8 @@ pub struct Uplink {
     pub stats: Arc<UplinkStats>,
     pub password: Option<String>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Records this process has sent at least once: a resend carries DUP=1.
+    pub attempted: HashSet<u64>,
 }
 
 enum Ended {
@@ -154,7 +156,6 @@ impl Uplink {
         let mut window: VecDeque<Pending> = VecDeque::new();
         let mut cursor = self.outbox.cursor();
         let mut sent: HashSet<u64> = HashSet::new();
-        let mut next_pkid: u16 = 1;
         // PUBRECs whose released state is being committed, in arrival order: PUBRELs go out
         // in the same order, since the upstream delivers a QoS 2 message on PUBREL
         // (invariant 7). Commits complete in queue order, so waiting on the front is enough.
@@ -183,51 +184,6 @@ impl Uplink {
                 filters: self.forward.inbound_filters(),
             });
             if let Err(e) = conn.send(&sub).await {
-                return Ended::Lost(e.to_string());
-            }
-        }
-
-        // Records already holding a packet id were sent before (this process or an earlier
-        // one): with the session still there, resume them under the same id; without it,
-        // they start over as new publishes (nothing missing, at worst a duplicate).
-        let mut resume = Vec::new();
-        loop {
-            let batch = match cursor.next_batch(READ_BATCH).await {
-                Ok(b) => b,
-                Err(e) => return Ended::Lost(format!("reading the outbox: {e}")),
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let done = batch.iter().any(|p| p.packet_id.is_none());
-            for p in batch {
-                if p.packet_id.is_some() {
-                    resume.push(p);
-                } else {
-                    window.push_back(p);
-                }
-            }
-            if done {
-                break;
-            }
-        }
-        for p in resume {
-            let Some(pkid) = p.packet_id else { continue };
-            sent.insert(p.id);
-            inflight.insert(
-                pkid,
-                InFlight {
-                    id: p.id,
-                    qos: p.record.qos,
-                    released: p.released && session_present,
-                },
-            );
-            let packet = if p.released && session_present {
-                Packet::PubRel(pkid)
-            } else {
-                Packet::Publish(publish_of(&p.record, pkid, session_present))
-            };
-            if let Err(e) = conn.send(&packet).await {
                 return Ended::Lost(e.to_string());
             }
         }
@@ -284,39 +240,40 @@ impl Uplink {
                     tokens -= 1.0;
                     continue;
                 }
-                let pkid = match free_pkid(&mut next_pkid, &inflight) {
-                    Some(id) => id,
-                    None => {
-                        window.push_front(p);
-                        break;
-                    }
-                };
-                if p.record.qos == Qos::ExactlyOnce {
-                    // The id is durable before the first PUBLISH (it must never change).
-                    if let Err(e) = self.outbox.set_packet_id(p.id, pkid).await {
-                        return Ended::Lost(format!("recording a packet id: {e}"));
-                    }
+                // The packet id is a function of the record id, so it never changes, across
+                // reconnects and restarts, without a disk write (invariant 3). Two records share
+                // an id only 65,533 records apart; the newer one waits for the older.
+                let pkid = packet_id_of(p.id);
+                if inflight.contains_key(&pkid) {
+                    window.push_front(p);
+                    break;
                 }
                 sent.insert(p.id);
+                // PUBREC was committed as released before: resume with PUBREL only, if the
+                // upstream still has the session that holds the message.
+                let resume_release = p.released && session_present;
                 inflight.insert(
                     pkid,
                     InFlight {
                         id: p.id,
                         qos: p.record.qos,
-                        released: false,
+                        released: resume_release,
                     },
                 );
-                if let Err(e) = conn
-                    .send(&Packet::Publish(publish_of(&p.record, pkid, false)))
-                    .await
-                {
+                let packet = if resume_release {
+                    Packet::PubRel(pkid)
+                } else {
+                    let dup = self.attempted.contains(&p.id);
+                    Packet::Publish(publish_of(&p.record, pkid, dup))
+                };
+                self.attempted.insert(p.id);
+                if let Err(e) = conn.send(&packet).await {
                     return Ended::Lost(e.to_string());
                 }
                 tokens -= 1.0;
             }
-            if let Err(e) = conn.flush().await {
-                return Ended::Lost(e.to_string());
-            }
+            // No flush here: `recv` flushes before it waits for the network, so publishes made
+            // for a run of buffered acks leave in one write rather than one segment each.
 
             let throttled = rate.is_some() && tokens < 1.0;
             tokio::select! {
@@ -331,6 +288,7 @@ impl Uplink {
                         Packet::PubAck(pkid) => {
                             if let Some(f) = inflight.remove(&pkid) {
                                 self.outbox.ack(f.id);
+                                self.attempted.remove(&f.id);
                                 sent.remove(&f.id);
                                 self.stats.delivered.fetch_add(1, Relaxed);
                             }
@@ -348,6 +306,7 @@ impl Uplink {
                         Packet::PubComp(pkid) => {
                             if let Some(f) = inflight.remove(&pkid) {
                                 self.outbox.ack(f.id);
+                                self.attempted.remove(&f.id);
                                 sent.remove(&f.id);
                                 self.stats.delivered.fetch_add(1, Relaxed);
                             }
@@ -489,16 +448,9 @@ fn publish_of(r: &Record, pkid: u16, dup: bool) -> Publish {
     }
 }
 
-/// The next packet id not in flight (and not one the uplink keeps for itself).
-fn free_pkid(next: &mut u16, inflight: &HashMap<u16, InFlight>) -> Option<u16> {
-    for _ in 0..SUBSCRIBE_PKID {
-        let id = *next;
-        *next = if id >= SUBSCRIBE_PKID - 1 { 1 } else { id + 1 };
-        if !inflight.contains_key(&id) {
-            return Some(id);
-        }
-    }
-    None
+/// A record's packet id: 1..=65533 (65534 and 65535 are the uplink's own).
+fn packet_id_of(record_id: u64) -> u16 {
+    (record_id % u64::from(SUBSCRIBE_PKID - 1)) as u16 + 1
 }
 
 /// ±25 % so a fleet of gateways does not reconnect in lockstep after an upstream restart.
@@ -536,25 +488,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packet_ids_skip_those_in_flight_and_the_reserved_ones() {
-        let mut inflight = HashMap::new();
-        inflight.insert(
-            1,
-            InFlight {
-                id: 1,
-                qos: Qos::AtLeastOnce,
-                released: false,
-            },
-        );
-        let mut next = 1;
-        assert_eq!(free_pkid(&mut next, &inflight), Some(2));
-        let mut next = SUBSCRIBE_PKID - 1;
-        assert_eq!(free_pkid(&mut next, &inflight), Some(SUBSCRIBE_PKID - 1));
-        assert_eq!(
-            free_pkid(&mut next, &inflight),
-            Some(2),
-            "wraps past the reserved ids and skips 1"
-        );
+    fn packet_ids_are_stable_and_avoid_the_reserved_ones() {
+        assert_eq!(packet_id_of(0), 1);
+        assert_eq!(packet_id_of(65_532), 65_533);
+        assert_eq!(packet_id_of(65_533), 1, "wraps before the reserved ids");
+        assert_eq!(packet_id_of(7), packet_id_of(7));
+        assert!((0..200_000u64).all(|id| (1..SUBSCRIBE_PKID).contains(&packet_id_of(id))));
     }
 
     #[test]

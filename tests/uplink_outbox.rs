@@ -168,8 +168,6 @@ async fn a_full_outbox_under_drop_oldest_drops_and_counts_the_oldest() {
 }
 
 #[tokio::test]
-#[ignore = "outbox bug (src/outbox, not uplink): drop-oldest only drops committed records, so a \
-            burst within one commit is stored whole, over the quota"]
 async fn a_burst_into_a_full_outbox_under_drop_oldest_stays_within_the_quota() {
     let (acked, st, _) = overflow("drop-oldest", true).await;
     assert_eq!(acked.len(), 150);

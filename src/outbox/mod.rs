@@ -544,6 +544,30 @@ impl Shared {
         true
     }
 
+    /// Drops the oldest record not yet committed (a burst larger than the quota within one
+    /// commit window); its producer is told `Full` and the drop is counted. False if none.
+    fn drop_oldest_queued(&mut self) -> bool {
+        let Some(i) = self
+            .ops
+            .iter()
+            .position(|op| matches!(op, Op::Append { .. }))
+        else {
+            return false;
+        };
+        let Op::Append {
+            record, size, done, ..
+        } = self.ops.remove(i)
+        else {
+            return false;
+        };
+        self.queued_bytes -= size;
+        self.queued_count -= 1;
+        self.queued_record_bytes = self.queued_record_bytes.saturating_sub(size as usize);
+        self.counters.dropped_oldest += 1;
+        let _ = done.send(Err(AppendError::Full(record)));
+        true
+    }
+
     /// Lets waiting appends in, in order, while they fit.
     fn admit_blocked(&mut self, max_bytes: u64) {
         while let Some(front) = self.blocked.front() {
@@ -791,11 +815,12 @@ impl Outbox {
             match policy {
                 FullPolicy::DropOldest => {
                     while s.stored_bytes() + size > max {
-                        let Some(&oldest) = s.index.keys().next() else {
-                            break; // only queued records left: they commit shortly
-                        };
-                        s.remove(oldest, Some(DropReason::Oldest));
-                        s.counters.dropped_oldest += 1;
+                        if let Some(&oldest) = s.index.keys().next() {
+                            s.remove(oldest, Some(DropReason::Oldest));
+                            s.counters.dropped_oldest += 1;
+                        } else if !s.drop_oldest_queued() {
+                            break;
+                        }
                     }
                 }
                 FullPolicy::DropNewest => {

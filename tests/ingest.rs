@@ -170,24 +170,29 @@ async fn next_publish(events: &mut EventLoop) -> (String, String) {
 }
 
 /// Reads frames the gateway wrote back to the node until one is an ack.
-async fn next_ack(master: &mut SerialStream) -> wire::Ack {
+/// Reads frames the gateway wrote back to the node until `pick` accepts one.
+async fn next_frame<T>(master: &mut SerialStream, pick: impl Fn(wire::Frame) -> Option<T>) -> T {
     let mut acc = wire::Accumulator::new();
     let mut buf = [0u8; 256];
     loop {
         let n = tokio::time::timeout(WAIT, master.read(&mut buf))
             .await
-            .expect("an ack in time")
+            .expect("a frame from the gateway in time")
             .expect("read");
         for d in acc.feed_iter(&buf[..n]) {
-            if let Ok(wire::Frame {
-                body: wire::Body::Ack(ack),
-                ..
-            }) = d.result
-            {
-                return ack;
+            if let Some(t) = d.result.ok().and_then(&pick) {
+                return t;
             }
         }
     }
+}
+
+async fn next_ack(master: &mut SerialStream) -> wire::Ack {
+    next_frame(master, |f| match f.body {
+        wire::Body::Ack(ack) => Some(ack),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -374,25 +379,7 @@ async fn a_restart_remembers_nodes_and_does_not_forward_a_retransmit_twice() {
 }
 
 async fn next_command(master: &mut SerialStream) -> wire::Frame {
-    let mut acc = wire::Accumulator::new();
-    let mut buf = [0u8; 256];
-    loop {
-        let n = tokio::time::timeout(WAIT, master.read(&mut buf))
-            .await
-            .expect("a frame in time")
-            .expect("read");
-        for d in acc.feed_iter(&buf[..n]) {
-            if let Ok(
-                f @ wire::Frame {
-                    body: wire::Body::Command(_),
-                    ..
-                },
-            ) = d.result
-            {
-                return f;
-            }
-        }
-    }
+    next_frame(master, |f| matches!(f.body, wire::Body::Command(_)).then_some(f)).await
 }
 
 #[tokio::test]

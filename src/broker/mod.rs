@@ -83,21 +83,15 @@ impl BrokerHandle {
         qos: QoS,
         retain: bool,
     ) -> Result<(), Stopped> {
-        let cmd = Command::Publish {
-            topic: topic.into(),
-            payload: payload.into(),
-            qos,
-            retain,
-            origin: Origin::Gateway,
-            done: None,
-            state: None,
-        };
-        self.tx.send(cmd).await.map_err(|_| Stopped)
+        let message = (topic.into(), payload.into(), qos, retain);
+        self.send_publish(message, Origin::Gateway, None, None)
+            .await
     }
 
     /// Publishes like [`publish`](Self::publish); the returned receiver says `true` once the
     /// message is durable where it must be (the outbox, when an out-rule forwards it) and
     /// `false` if it could not be stored. This is what a node's acknowledgement waits for.
+    /// `state` is committed to the outbox atomically with the message (dedupe windows).
     pub async fn publish_durable(
         &self,
         topic: impl Into<String>,
@@ -107,16 +101,9 @@ impl BrokerHandle {
         state: Option<(String, Vec<u8>)>,
     ) -> Result<oneshot::Receiver<bool>, Stopped> {
         let (done, rx) = oneshot::channel();
-        let cmd = Command::Publish {
-            topic: topic.into(),
-            payload: payload.into(),
-            qos,
-            retain,
-            origin: Origin::Gateway,
-            done: Some(done),
-            state,
-        };
-        self.tx.send(cmd).await.map_err(|_| Stopped)?;
+        let message = (topic.into(), payload.into(), qos, retain);
+        self.send_publish(message, Origin::Gateway, Some(done), state)
+            .await?;
         Ok(rx)
     }
 
@@ -129,14 +116,26 @@ impl BrokerHandle {
         qos: QoS,
         retain: bool,
     ) -> Result<(), Stopped> {
+        let message = (topic.into(), payload.into(), qos, retain);
+        self.send_publish(message, Origin::Upstream, None, None)
+            .await
+    }
+
+    async fn send_publish(
+        &self,
+        (topic, payload, qos, retain): (String, Bytes, QoS, bool),
+        origin: Origin,
+        done: Option<oneshot::Sender<bool>>,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Result<(), Stopped> {
         let cmd = Command::Publish {
-            topic: topic.into(),
-            payload: payload.into(),
+            topic,
+            payload,
             qos,
             retain,
-            origin: Origin::Upstream,
-            done: None,
-            state: None,
+            origin,
+            done,
+            state,
         };
         self.tx.send(cmd).await.map_err(|_| Stopped)
     }

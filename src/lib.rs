@@ -20,6 +20,13 @@ pub mod outbox;
 
 mod pipeline;
 
+// Running on the device (issue 6): systemd, health, metrics, Home Assistant, `sensorgate status`.
+pub mod discovery;
+pub mod health;
+pub mod metrics;
+pub mod service;
+pub mod status;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +59,7 @@ pub struct Gateway {
     stop_ports: tokio::sync::watch::Sender<bool>,
     pipeline: tokio::task::JoinHandle<()>,
     mapping: tokio::sync::watch::Sender<std::sync::Arc<map::Mapping>>,
+    device: service::Device,
 }
 
 impl Gateway {
@@ -81,6 +89,7 @@ impl Gateway {
     /// Stops sources first (ports), lets the pipeline drain, then stops the broker, which
     /// saves its state.
     pub async fn shutdown(self) {
+        self.device.shutdown().await;
         let _ = self.stop_ports.send(true);
         for port in self.ports {
             port.join().await;
@@ -110,7 +119,9 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
     let mapping = std::sync::Arc::new(config.mapping.clone());
     let (mapping_tx, mapping_rx) = tokio::sync::watch::channel(mapping.clone());
     let persist = config.broker.persistence;
+    let probe = health::PipelineProbe::default();
     let pipeline = pipeline::Pipeline {
+        probe: probe.clone(),
         mapping,
         registry: if persist {
             registry::Registry::load(&config.data_dir)
@@ -142,7 +153,22 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         .await
         .map_err(|_| Error::Stopped)?;
     let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx, commands));
+
+    // Device tasks (issue 6): availability and status, watchdog, metrics, HA discovery.
+    let port_stats = ports
+        .iter()
+        .map(|p| (p.config.name.clone(), p.stats.clone()));
+    let device = service::Device::spawn(
+        &config,
+        broker.handle(),
+        port_stats.collect(),
+        probe,
+        mapping_tx.subscribe(),
+    )
+    .await?;
+
     Ok(Gateway {
+        device,
         broker,
         ports,
         stop_ports,
@@ -169,8 +195,13 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> Res
     for addr in gateway.local_addrs() {
         tracing::info!(%addr, "MQTT broker listening");
     }
+    service::notify(&format!(
+        "READY=1\nSTATUS={}",
+        gateway.device.status().summary()
+    ));
     shutdown.await;
     tracing::info!("shutting down");
+    service::notify("STOPPING=1\nSTATUS=shutting down");
     gateway.shutdown().await;
     Ok(())
 }

@@ -34,6 +34,8 @@ pub struct Pipeline {
     pub downlinks: HashMap<String, mpsc::Sender<Downlink>>,
     /// Nodes asked to repeat their `Hello` in this boot, so it is asked once.
     pub hello_requested: HashSet<(String, u32)>,
+    /// Device tasks (issue 6): the watchdog's evidence that this loop turns, and the registry.
+    pub probe: crate::health::PipelineProbe,
 }
 
 /// Commands waiting for the pipeline.
@@ -63,6 +65,7 @@ impl Pipeline {
                     }
                 }
                 _ = status.tick() => {
+                    self.probe.tick(&self.registry);
                     self.publish_port_stats().await;
                     if self.persist {
                         self.registry.save_if_dirty(&self.data_dir);

@@ -124,8 +124,9 @@ pub struct Liveness {
     broker: BrokerHandle,
     answers: mpsc::Receiver<InternalMessage>,
     pipeline: PipelineProbe,
-    /// Longest time the pipeline may go without a tick.
-    stall_limit: Duration,
+    /// Longest time the pipeline may go without a tick; `None` when it has no ports to read
+    /// (it then finishes at once, having nothing to do).
+    stall_limit: Option<Duration>,
     last_beats: u64,
     last_progress: Instant,
     nonce: u64,
@@ -136,7 +137,7 @@ impl Liveness {
     pub async fn new(
         broker: BrokerHandle,
         pipeline: PipelineProbe,
-        stall_limit: Duration,
+        stall_limit: Option<Duration>,
     ) -> Result<Liveness, crate::broker::Stopped> {
         let answers = broker.subscribe(PROBE_TOPIC, 4).await?;
         Ok(Liveness {
@@ -177,7 +178,7 @@ impl Liveness {
             self.last_progress = Instant::now();
         }
         let idle = self.last_progress.elapsed();
-        if idle > self.stall_limit {
+        if self.stall_limit.is_some_and(|limit| idle > limit) {
             return Err(Unhealthy::PipelineStalled(idle));
         }
         Ok(())
@@ -283,7 +284,7 @@ impl Device {
         };
         tasks.push(tokio::spawn(health.run(stop_rx.clone())));
 
-        let stall_limit = config.broker.sys_interval * 3;
+        let stall_limit = (!config.ports.is_empty()).then(|| config.broker.sys_interval * 3);
         let liveness = Liveness::new(broker.clone(), probe.clone(), stall_limit)
             .await
             .map_err(|_| crate::Error::Stopped)?;

@@ -242,7 +242,7 @@ impl DiscoveryTask {
                     published.insert(topic.clone(), payload.clone());
                 }
             }
-            let gone: Vec<String> = remembered
+            let gone: BTreeSet<String> = remembered
                 .iter()
                 .chain(published.keys())
                 .filter(|t| !want.contains_key(*t))

@@ -42,7 +42,11 @@ fn the_unit_file_verifies_cleanly() {
     };
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_under_test(dir.path());
-    let out = Command::new(analyze).arg("verify").arg(&unit).output().unwrap();
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -71,7 +75,10 @@ fn the_unit_file_has_an_exposure_of_at_most_two() {
     let text = String::from_utf8_lossy(&out.stdout);
     let exposure: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for sensorgate.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for sensorgate.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| {
@@ -111,5 +118,8 @@ fn the_unit_runs_as_a_notify_service_with_the_watchdog_and_a_config_check() {
         .and_then(|v| sensorgate::config::parse_duration(v))
         .expect("WatchdogSec= set");
     // The pipeline check allows 3 x sys-interval (10 s by default) without a tick.
-    assert!(watchdog > std::time::Duration::from_secs(30), "{watchdog:?}");
+    assert!(
+        watchdog > std::time::Duration::from_secs(30),
+        "{watchdog:?}"
+    );
 }

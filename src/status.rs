@@ -108,10 +108,8 @@ impl Snapshot {
         }
         let levels: Vec<&str> = topic.split('/').collect();
         match levels.as_slice() {
-            ["sensorgate", _, "status"] => {
-                if self.status.is_none() {
-                    self.status = serde_json::from_str(payload).ok();
-                }
+            ["sensorgate", _, "status"] if self.status.is_none() => {
+                self.status = serde_json::from_str(payload).ok();
             }
             ["sensorgate", _, "nodes", node, "availability"] => {
                 self.availability

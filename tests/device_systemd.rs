@@ -115,7 +115,7 @@ fn the_unit_runs_as_a_notify_service_with_the_watchdog_and_a_config_check() {
     let watchdog = text
         .lines()
         .find_map(|l| l.strip_prefix("WatchdogSec="))
-        .and_then(|v| sensorgate::config::parse_duration(v))
+        .and_then(sensorgate::config::parse_duration)
         .expect("WatchdogSec= set");
     // The pipeline check allows 3 x sys-interval (10 s by default) without a tick.
     assert!(

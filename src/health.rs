@@ -135,6 +135,15 @@ pub struct UplinkStatus {
     pub outbox: Option<u64>,
 }
 
+impl UplinkStatus {
+    pub fn not_configured() -> UplinkStatus {
+        UplinkStatus {
+            state: "not-configured".into(),
+            outbox: None,
+        }
+    }
+}
+
 /// The retained JSON on `sensorgate/<gateway>/status`, read back by `sensorgate status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GatewayStatus {
@@ -237,10 +246,7 @@ pub fn gateway_status(
         state: "online".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_s: uptime.as_secs(),
-        uplink: UplinkStatus {
-            state: "not-configured".into(),
-            outbox: None,
-        },
+        uplink: UplinkStatus::not_configured(),
         ports: ports
             .iter()
             .map(|(name, s)| PortStatus {
@@ -275,6 +281,8 @@ pub struct HealthTask {
     pub status: watch::Sender<Arc<GatewayStatus>>,
     /// Wall-clock time in ms (a parameter so tests can move it with tokio's paused clock).
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// The uplink's state, as the uplink stage reports it ([`crate::service::Device::set_uplink`]).
+    pub uplink: watch::Receiver<UplinkStatus>,
 }
 
 impl HealthTask {
@@ -290,11 +298,12 @@ impl HealthTask {
             tokio::select! {
                 _ = check.tick() => {}
                 changed = self.nodes.changed() => if changed.is_err() { break },
+                changed = self.uplink.changed() => if changed.is_err() { break },
                 _ = stop.wait_for(|s| *s) => break,
             }
             let nodes = self.nodes.borrow_and_update().clone();
             let now = (self.clock)();
-            let status = gateway_status(
+            let mut status = gateway_status(
                 &self.gateway,
                 &nodes,
                 &self.ports,
@@ -303,6 +312,7 @@ impl HealthTask {
                 now,
                 started.elapsed(),
             );
+            status.uplink = self.uplink.borrow_and_update().clone();
             for n in &status.nodes {
                 let a = if n.online {
                     Availability::Online

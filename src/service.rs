@@ -244,6 +244,7 @@ pub async fn supervise(
 /// The device tasks `start` spawns: health, watchdog and status, metrics, discovery.
 pub struct Device {
     stop: watch::Sender<bool>,
+    uplink: watch::Sender<crate::health::UplinkStatus>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     status: watch::Receiver<std::sync::Arc<GatewayStatus>>,
 }
@@ -270,6 +271,7 @@ impl Device {
         );
         let (status_tx, status) = watch::channel(std::sync::Arc::new(initial));
         let mut tasks = Vec::new();
+        let (uplink, uplink_rx) = watch::channel(crate::health::UplinkStatus::not_configured());
 
         let health = crate::health::HealthTask {
             gateway: config.gateway_id.clone(),
@@ -281,6 +283,7 @@ impl Device {
             refresh: config.broker.sys_interval,
             status: status_tx,
             clock: std::sync::Arc::new(crate::ingest::now_ms),
+            uplink: uplink_rx,
         };
         tasks.push(tokio::spawn(health.run(stop_rx.clone())));
 
@@ -322,9 +325,15 @@ impl Device {
         }
         Ok(Device {
             stop,
+            uplink,
             tasks,
             status,
         })
+    }
+
+    /// Reports the uplink's state: the status topic, `STATUS=` and `sensorgate status` show it.
+    pub fn set_uplink(&self, status: crate::health::UplinkStatus) {
+        self.uplink.send_replace(status);
     }
 
     /// The latest gateway status.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sensorgate::broker::{Broker, BrokerHandle, InternalMessage};
-use sensorgate::health::{GatewayStatus, HealthTask, Nodes, PipelineProbe};
+use sensorgate::health::{GatewayStatus, HealthTask, Nodes, PipelineProbe, UplinkStatus};
 use sensorgate::registry::{NodeRecord, Registry};
 use sensorgate::service::{Liveness, supervise};
 use tokio::sync::{mpsc, watch};
@@ -34,7 +34,11 @@ fn health(
     handle: BrokerHandle,
     nodes: watch::Receiver<Arc<Nodes>>,
     base_ms: u64,
-) -> (HealthTask, watch::Receiver<Arc<GatewayStatus>>) {
+) -> (
+    HealthTask,
+    watch::Receiver<Arc<GatewayStatus>>,
+    watch::Sender<UplinkStatus>,
+) {
     let config = sensorgate::config::parse(
         "[availability]\ndefault-interval = \"10s\"\nmissed-intervals = 3\n",
         "t.toml",
@@ -43,6 +47,7 @@ fn health(
     .unwrap();
     let start = Instant::now();
     let (status_tx, status_rx) = watch::channel(Arc::default());
+    let (uplink_tx, uplink_rx) = watch::channel(UplinkStatus::not_configured());
     let task = HealthTask {
         gateway: "pi".into(),
         broker: handle,
@@ -53,8 +58,9 @@ fn health(
         refresh: Duration::from_secs(10),
         status: status_tx,
         clock: Arc::new(move || base_ms + start.elapsed().as_millis() as u64),
+        uplink: uplink_rx,
     };
-    (task, status_rx)
+    (task, status_rx, uplink_tx)
 }
 
 #[tokio::test(start_paused = true)]
@@ -76,7 +82,7 @@ async fn a_node_goes_offline_after_three_missed_intervals_and_the_status_follows
         },
     );
     let (_nodes_tx, nodes_rx) = watch::channel(Arc::new(nodes));
-    let (task, status) = health(broker.handle(), nodes_rx, base);
+    let (task, status, uplink) = health(broker.handle(), nodes_rx, base);
     let (stop, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let running = tokio::spawn(task.run(stop_rx));
@@ -100,6 +106,20 @@ async fn a_node_goes_offline_after_three_missed_intervals_and_the_status_follows
     assert_eq!(
         status.borrow().summary(),
         "0/1 nodes online, 0/0 ports open, uplink not-configured"
+    );
+
+    // The uplink stage reports a change: the status follows at once.
+    let before = Instant::now();
+    uplink.send_replace(UplinkStatus {
+        state: "connected".into(),
+        outbox: Some(4),
+    });
+    let reported: GatewayStatus =
+        serde_json::from_str(&next(&mut seen, "sensorgate/pi/status").await).unwrap();
+    assert_eq!(reported.uplink.state, "connected");
+    assert!(
+        before.elapsed() < Duration::from_millis(1),
+        "no tick waited for"
     );
 
     stop.send(true).unwrap();
@@ -131,7 +151,7 @@ async fn a_node_heard_again_comes_back_online_at_once() {
         Arc::new(nodes)
     };
     let (nodes_tx, nodes_rx) = watch::channel(record(base - 3_600_000));
-    let (task, _status) = health(broker.handle(), nodes_rx, base);
+    let (task, _status, _uplink) = health(broker.handle(), nodes_rx, base);
     let (_stop, stop_rx) = watch::channel(false);
     tokio::spawn(task.run(stop_rx));
     let topic = "sensorgate/pi/nodes/7/availability";

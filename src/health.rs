@@ -11,8 +11,9 @@
 //!
 //! A node is online while its last frame is younger than `missed-intervals` times its expected
 //! report interval (its `Hello` interval, else `[availability] default-interval`). The status is
-//! republished when something a person would notice changes (a node or port going up or down,
-//! the uplink), and every `sys-interval` for the counters.
+//! republished at once when something a person would notice changes (a node or port going up or
+//! down, the uplink), at most every `sys-interval` when only counters moved, and not at all while
+//! the gateway is idle: every retained change is eventually a broker snapshot on the SD card.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -151,7 +152,9 @@ pub struct GatewayStatus {
     /// `online` while running, `offline` once stopped.
     pub state: String,
     pub version: String,
-    pub uptime_s: u64,
+    /// Unix time the gateway started, in ms. A start time rather than an uptime, so an idle
+    /// gateway's status does not change and its retained copy is not rewritten to the SD card.
+    pub started_ms: u64,
     pub uplink: UplinkStatus,
     pub ports: Vec<PortStatus>,
     pub nodes_online: usize,
@@ -225,7 +228,7 @@ pub fn gateway_status(
     mapping: &Mapping,
     config: &DeviceConfig,
     now_ms: u64,
-    uptime: Duration,
+    started_ms: u64,
 ) -> GatewayStatus {
     let nodes: Vec<NodeStatus> = nodes
         .iter()
@@ -245,7 +248,7 @@ pub fn gateway_status(
         gateway: gateway.to_string(),
         state: "online".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        uptime_s: uptime.as_secs(),
+        started_ms,
         uplink: UplinkStatus::not_configured(),
         ports: ports
             .iter()
@@ -275,7 +278,7 @@ pub struct HealthTask {
     pub ports: Vec<(String, Arc<PortStats>)>,
     pub mapping: Arc<Mapping>,
     pub config: DeviceConfig,
-    /// Counters are republished this often.
+    /// Counters are republished at most this often.
     pub refresh: Duration,
     /// The latest status, for systemd's `STATUS=` line and the metrics endpoint.
     pub status: watch::Sender<Arc<GatewayStatus>>,
@@ -288,10 +291,11 @@ pub struct HealthTask {
 impl HealthTask {
     /// Runs until `stop` turns true, then publishes the gateway as `offline`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let started = tokio::time::Instant::now();
+        let started_ms = (self.clock)();
         let mut published: BTreeMap<NodeId, Availability> = BTreeMap::new();
         let mut last_refresh: Option<tokio::time::Instant> = None;
         let mut last_shape = None;
+        let mut last_published: Option<GatewayStatus> = None;
         let mut check = tokio::time::interval(CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -310,7 +314,7 @@ impl HealthTask {
                 &self.mapping,
                 &self.config,
                 now,
-                started.elapsed(),
+                started_ms,
             );
             status.uplink = self.uplink.borrow_and_update().clone();
             for n in &status.nodes {
@@ -332,14 +336,18 @@ impl HealthTask {
                     published.insert(n.id.clone(), a);
                 }
             }
+            // At once when something a person notices changes; counters at most every
+            // `refresh`; nothing while idle (each retained change is a snapshot write).
             let shape = Some(status.shape());
             let due = last_refresh.is_none_or(|t| t.elapsed() >= self.refresh);
-            if due || shape != last_shape {
+            let counters_moved = last_published.as_ref() != Some(&status);
+            if shape != last_shape || (due && counters_moved) {
                 if self.publish_status(&status).await.is_err() {
                     return;
                 }
                 last_refresh = Some(tokio::time::Instant::now());
                 last_shape = shape;
+                last_published = Some(status.clone());
             }
             self.status.send_replace(Arc::new(status));
         }

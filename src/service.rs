@@ -267,7 +267,7 @@ impl Device {
             &mapping.borrow(),
             &config.device,
             crate::ingest::now_ms(),
-            Duration::ZERO,
+            crate::ingest::now_ms(),
         );
         let (status_tx, status) = watch::channel(std::sync::Arc::new(initial));
         let mut tasks = Vec::new();

@@ -199,7 +199,7 @@ pub fn render(s: &Snapshot, now_ms: u64) -> String {
         st.gateway,
         st.state,
         st.version,
-        uptime(st.uptime_s)
+        uptime(now_ms.saturating_sub(st.started_ms) / 1000)
     ));
     let mut uplink = st.uplink.state.clone();
     if let Some(n) = st.uplink.outbox {
@@ -311,7 +311,7 @@ mod tests {
             gateway: "pi".into(),
             state: "online".into(),
             version: "0.1.0".into(),
-            uptime_s: 7_380,
+            started_ms: NOW - 7_380_000,
             uplink: UplinkStatus {
                 state: "connected".into(),
                 outbox: Some(0),

@@ -169,6 +169,27 @@ async fn a_node_heard_again_comes_back_online_at_once() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_idle_gateway_publishes_its_status_once_and_then_leaves_it_alone() {
+    let (broker, _dir) = broker().await;
+    let mut seen = broker
+        .handle()
+        .subscribe("sensorgate/pi/#", 64)
+        .await
+        .unwrap();
+    let (_nodes_tx, nodes_rx) = watch::channel(Arc::new(Nodes::new()));
+    let (task, _status, _uplink) = health(broker.handle(), nodes_rx, 1_764_000_000_000);
+    let (_stop, stop_rx) = watch::channel(false);
+    tokio::spawn(task.run(stop_rx));
+    next(&mut seen, "sensorgate/pi/status").await;
+    // Twelve refresh intervals of nothing happening.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(
+        seen.try_recv().is_err(),
+        "an unchanged status is not republished"
+    );
+}
+
 /// What `supervise` would have sent to systemd, with the (paused) time it was sent.
 #[derive(Clone, Default)]
 struct Recorder(Arc<Mutex<Vec<(Duration, String)>>>);

@@ -23,6 +23,12 @@ pub mod uplink;
 mod pipeline;
 
 pub mod demo;
+// Running on the device (issue 6): systemd, health, metrics, Home Assistant, `sensorgate status`.
+pub mod discovery;
+pub mod health;
+pub mod metrics;
+pub mod service;
+pub mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,6 +72,7 @@ pub struct Gateway {
     port_updates: tokio::sync::watch::Sender<Vec<pipeline::PortLink>>,
     outbox: Option<outbox::Outbox>,
     uplink: Option<RunningUplink>,
+    device: service::Device,
 }
 
 struct RunningUplink {
@@ -219,6 +226,7 @@ impl Gateway {
     /// Stops sources first (ports), lets the pipeline drain, stops the broker (which saves its
     /// state), then the uplink, and commits the outbox.
     pub async fn shutdown(self) {
+        self.device.shutdown().await;
         for port in self.ports {
             port.stop().await;
         }
@@ -319,7 +327,7 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
     };
     // The router's forward rules and the uplink task share one `Forward`. The router gets it
     // through its queue before the first client's packets, which queue behind it.
-    let broker = broker::Broker::start(&config, None).await?;
+    let broker = broker::Broker::start(&config).await?;
     let uplink = match (&config.upstream, &outbox) {
         (Some(up), Some(ob)) => {
             let (forward, running) = start_uplink(up, &config, ob.clone(), broker.handle())?;
@@ -353,7 +361,9 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         registry.restore_dedupe(&ob.states());
     }
     let (failed_tx, failed_rx) = tokio::sync::mpsc::channel(64);
+    let probe = health::PipelineProbe::default();
     let pipeline = pipeline::Pipeline {
+        probe: probe.clone(),
         mapping,
         registry,
         broker: broker.handle(),
@@ -381,7 +391,31 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         .await
         .map_err(|_| Error::Stopped)?;
     let pipeline = tokio::spawn(pipeline.run(inbound_rx, mapping_rx, commands, port_rx));
+
+    // Device tasks (issue 6): availability and status, watchdog, metrics, HA discovery.
+    let port_stats = ports
+        .iter()
+        .map(|p| (p.config.name.clone(), p.stats.clone()));
+    let device = service::Device::spawn(
+        &config,
+        broker.handle(),
+        port_stats.collect(),
+        probe,
+        mapping_tx.subscribe(),
+    )
+    .await?;
+
+    if let (Some(u), Some(ob)) = (&uplink, &outbox) {
+        report_uplink(
+            &device,
+            u.stats.clone(),
+            ob.clone(),
+            config.broker.sys_interval,
+        );
+    }
+
     Ok(Gateway {
+        device,
         config: Box::new(config),
         broker,
         ports,
@@ -392,6 +426,46 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         outbox,
         uplink,
     })
+}
+
+/// Keeps the device status's uplink part (status topic, `STATUS=`, `sensorgate status`)
+/// following the uplink: at once on a state change, the outbox depth at most every `every`.
+fn report_uplink(
+    device: &service::Device,
+    stats: Arc<uplink::UplinkStats>,
+    outbox: outbox::Outbox,
+    every: std::time::Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tx = device.uplink_reporter();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut last_depth_report = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tx.closed() => return,
+            }
+            let state = if stats.connected.load(Relaxed) {
+                "connected"
+            } else {
+                "disconnected"
+            };
+            let depth = outbox.stats().depth;
+            tx.send_if_modified(|cur| {
+                let state_changed = cur.state != state;
+                let depth_due = cur.outbox != Some(depth) && last_depth_report.elapsed() >= every;
+                if state_changed || depth_due {
+                    cur.state = state.to_string();
+                    cur.outbox = Some(depth);
+                    last_depth_report = std::time::Instant::now();
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    });
 }
 
 /// The upstream password from its file or environment variable; never logged.
@@ -433,17 +507,24 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> Res
     for addr in gateway.local_addrs() {
         tracing::info!(%addr, "MQTT broker listening");
     }
+    service::notify(&format!(
+        "READY=1\nSTATUS={}",
+        gateway.device.status().summary()
+    ));
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                service::notify("RELOADING=1");
                 reload_from_file(&mut gateway).await;
+                service::notify(&format!("READY=1\nSTATUS={}", gateway.device.status().summary()));
             }
         }
     }
     tracing::info!("shutting down");
+    service::notify("STOPPING=1\nSTATUS=shutting down");
     gateway.shutdown().await;
     Ok(())
 }

@@ -50,6 +50,22 @@ enum Command {
         /// Configuration file to check.
         file: PathBuf,
     },
+    /// Show a running gateway's ports, nodes, uplink and broker counters.
+    ///
+    /// Reads the retained status topics from the gateway's broker, as any MQTT client could.
+    Status {
+        /// The gateway's broker.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// User name, when the broker requires a password ($SENSORGATE_PASSWORD holds it).
+        #[arg(long)]
+        user: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Add or update a user in a password file (PBKDF2-SHA512, Mosquitto's `$7$` format).
     ///
     /// Reads the password from standard input (one line).
@@ -151,6 +167,12 @@ fn main() -> ExitCode {
             }
         },
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete),
+        Command::Status {
+            host,
+            port,
+            user,
+            timeout,
+        } => status(&host, port, user, timeout),
         Command::Outbox {
             action,
             config,
@@ -313,6 +335,35 @@ fn run(config: ValidConfig) -> ExitCode {
                 }
                 _ => exit::SOFTWARE,
             })
+        }
+    }
+}
+
+fn status(host: &str, port: u16, user: Option<String>, timeout: u64) -> ExitCode {
+    const UNAVAILABLE: u8 = 69;
+    let credentials = user.map(|u| (u, std::env::var("SENSORGATE_PASSWORD").unwrap_or_default()));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sensorgate status: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let timeout = std::time::Duration::from_secs(timeout.max(1));
+    match runtime.block_on(sensorgate::status::fetch(host, port, credentials, timeout)) {
+        Ok(snapshot) => {
+            print!(
+                "{}",
+                sensorgate::status::render(&snapshot, sensorgate::ingest::now_ms())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sensorgate status: {e}");
+            ExitCode::from(UNAVAILABLE)
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct Pipeline {
     pub failed_rx: mpsc::Receiver<(String, FrameId)>,
     /// The uplink's counters and the outbox, for `$SYS/sensorgate/...`.
     pub uplink: Option<(Arc<crate::uplink::UplinkStats>, crate::outbox::Outbox)>,
+    /// Device tasks (issue 6): the watchdog's evidence that this loop turns, and the registry.
+    pub probe: crate::health::PipelineProbe,
 }
 
 /// What the pipeline knows of one port.
@@ -81,6 +83,7 @@ impl Pipeline {
                     }
                 }
                 _ = status.tick() => {
+                    self.probe.tick(&self.registry);
                     self.publish_port_stats().await;
                     if self.persist {
                         self.registry.save_if_dirty(&self.data_dir);

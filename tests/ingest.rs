@@ -379,7 +379,10 @@ async fn a_restart_remembers_nodes_and_does_not_forward_a_retransmit_twice() {
 }
 
 async fn next_command(master: &mut SerialStream) -> wire::Frame {
-    next_frame(master, |f| matches!(f.body, wire::Body::Command(_)).then_some(f)).await
+    next_frame(master, |f| {
+        matches!(f.body, wire::Body::Command(_)).then_some(f)
+    })
+    .await
 }
 
 #[tokio::test]

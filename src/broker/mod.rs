@@ -174,10 +174,8 @@ impl BrokerHandle {
 
 impl Broker {
     /// Restores state, binds every listener and starts serving.
-    pub async fn start(
-        config: &ValidConfig,
-        forward: Option<Arc<crate::uplink::Forward>>,
-    ) -> Result<Broker, crate::Error> {
+    /// Forwarding to an outbox is handed over afterwards with [`BrokerHandle::set_forward`].
+    pub async fn start(config: &ValidConfig) -> Result<Broker, crate::Error> {
         let b = &config.broker;
         let passwords = match &b.password_file {
             Some(path) => Some(Arc::new(auth::PasswordFile::load(path).map_err(|e| {
@@ -225,7 +223,7 @@ impl Broker {
                 max_queued: b.max_queued,
                 sys_interval: b.sys_interval,
                 snapshot_interval: b.snapshot_interval,
-                forward,
+                forward: None,
             },
             stats.clone(),
             store,

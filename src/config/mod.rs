@@ -50,6 +50,40 @@ pub struct RawConfig {
     pub upstream: Option<RawUpstream>,
     #[serde(default)]
     pub outbox: RawOutbox,
+    // --- running on the device (issue 6) ---
+    #[serde(default)]
+    pub availability: RawAvailability,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub homeassistant: RawHomeAssistant,
+}
+
+/// When a node counts as offline.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawAvailability {
+    /// Expected report interval of nodes that do not announce one in their `Hello`.
+    pub default_interval: Option<String>,
+    /// A node is offline after this many intervals without a frame.
+    pub missed_intervals: Option<u32>,
+}
+
+/// The optional Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawMetrics {
+    /// Address to serve `GET /metrics` on; no endpoint when absent.
+    pub listen: Option<String>,
+}
+
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawHomeAssistant {
+    pub discovery: Option<bool>,
+    /// Discovery prefix (Home Assistant's default is `homeassistant`).
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +207,20 @@ pub struct ValidConfig {
     pub mapping: Mapping,
     pub upstream: Option<UpstreamConfig>,
     pub outbox: OutboxSettings,
+    pub device: DeviceConfig,
+}
+
+/// Node availability, metrics and Home Assistant discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Expected report interval for nodes that announce none.
+    pub default_interval: Duration,
+    /// Missed intervals after which a node is offline.
+    pub missed_intervals: u32,
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The Home Assistant discovery prefix, when discovery is on.
+    pub discovery_prefix: Option<String>,
 }
 
 /// One serial port to read.
@@ -219,6 +267,11 @@ pub mod defaults {
     pub const DATA_DIR: &str = "./sensorgate-data";
     pub const BAUD: u32 = 115_200;
     pub const NODE_KEY: &str = "node";
+    /// Nodes that announce no interval are expected to report at least this often.
+    pub const NODE_INTERVAL: &str = "5m";
+    /// Zigbee2MQTT and ESPHome also wait a few missed reports before calling a device offline.
+    pub const MISSED_INTERVALS: u32 = 3;
+    pub const DISCOVERY_PREFIX: &str = "homeassistant";
 }
 
 /// A configuration error, located in its file.
@@ -433,6 +486,7 @@ impl Validator<'_> {
             None => None,
         };
         let outbox = self.outbox(&raw.outbox)?;
+        let device = self.device(&raw.availability, &raw.metrics, &raw.homeassistant)?;
 
         Ok(ValidConfig {
             source,
@@ -440,6 +494,7 @@ impl Validator<'_> {
             mapping,
             upstream,
             outbox,
+            device,
             gateway_id,
             data_dir,
             log_level: raw.log.level,
@@ -461,6 +516,69 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    /// `[availability]`, `[metrics]` and `[homeassistant]`.
+    fn device(
+        &self,
+        a: &RawAvailability,
+        m: &RawMetrics,
+        h: &RawHomeAssistant,
+    ) -> Result<DeviceConfig, ConfigError> {
+        use locate::Seg::Key;
+        let default_interval = self.duration(
+            a.default_interval.as_deref(),
+            defaults::NODE_INTERVAL,
+            &[Key("availability"), Key("default-interval")],
+        )?;
+        if default_interval.is_zero() {
+            return Err(self.error(
+                &[Key("availability"), Key("default-interval")],
+                "must be longer than zero".into(),
+                "use how often your nodes report, e.g. \"60s\"",
+            ));
+        }
+        let missed_intervals = a.missed_intervals.unwrap_or(defaults::MISSED_INTERVALS);
+        if missed_intervals == 0 {
+            return Err(self.error(
+                &[Key("availability"), Key("missed-intervals")],
+                "must be at least 1".into(),
+                "3 tolerates a couple of lost radio frames",
+            ));
+        }
+        let metrics_listen = match &m.listen {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                self.error(
+                    &[Key("metrics"), Key("listen")],
+                    format!("`{text}` is not an address and port"),
+                    "write it as \"127.0.0.1:9108\" (Prometheus scrapes GET /metrics there)",
+                )
+            })?),
+        };
+        let discovery_prefix = if h.discovery.unwrap_or(false) {
+            let prefix = h.prefix.as_deref().unwrap_or(defaults::DISCOVERY_PREFIX);
+            if prefix.is_empty()
+                || prefix.starts_with('/')
+                || prefix.ends_with('/')
+                || prefix.contains(['+', '#', '\0'])
+            {
+                return Err(self.error(
+                    &[Key("homeassistant"), Key("prefix")],
+                    format!("`{prefix}` cannot be a discovery prefix"),
+                    "leave it out for Home Assistant's default `homeassistant`; no '+', '#' or leading/trailing '/'",
+                ));
+            }
+            Some(prefix.to_string())
+        } else {
+            None
+        };
+        Ok(DeviceConfig {
+            default_interval,
+            missed_intervals,
+            metrics_listen,
+            discovery_prefix,
+        })
+    }
+
     fn ports(&self, raw: &[RawPort]) -> Result<Vec<PortConfig>, ConfigError> {
         use locate::Seg::{Index, Key};
         let mut ports: Vec<PortConfig> = Vec::new();

@@ -171,7 +171,8 @@ impl Gateway {
                         self.outbox = Some(open_outbox(&new)?);
                     }
                     let outbox = self.outbox.clone().ok_or(Error::Stopped)?;
-                    let (forward, uplink) = start_uplink(up, &new, outbox, self.broker.handle())?;
+                    let (forward, prepared) = prepare_uplink(up, &new, outbox)?;
+                    let uplink = prepared.spawn(self.broker.handle());
                     self.broker
                         .handle()
                         .set_forward(Some(forward))
@@ -274,13 +275,31 @@ fn open_outbox(config: &ValidConfig) -> Result<outbox::Outbox, Error> {
     Ok(outbox)
 }
 
-/// The forwarding rules for the router and the running uplink task.
-fn start_uplink(
+/// An uplink ready to run: its forwarding rules go to the router first, then the task starts.
+struct PreparedUplink {
+    task: uplink::Uplink,
+    stats: Arc<uplink::UplinkStats>,
+}
+
+impl PreparedUplink {
+    fn spawn(mut self, broker: broker::BrokerHandle) -> RunningUplink {
+        self.task.broker = Some(broker);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(self.task.run(stop_rx));
+        RunningUplink {
+            stats: self.stats,
+            stop,
+            task,
+        }
+    }
+}
+
+/// The forwarding rules for the router, and the uplink task that will deliver what they store.
+fn prepare_uplink(
     up: &config::UpstreamConfig,
     config: &ValidConfig,
     outbox: outbox::Outbox,
-    broker: broker::BrokerHandle,
-) -> Result<(Arc<uplink::Forward>, RunningUplink), Error> {
+) -> Result<(Arc<uplink::Forward>, PreparedUplink), Error> {
     let password = upstream_password(up)?;
     let tls = if up.endpoint.tls {
         Some(uplink::tls_config(up).map_err(|message| Error::Upstream { message })?)
@@ -297,20 +316,18 @@ fn start_uplink(
         live: live_tx,
         stats: stats.clone(),
     });
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = uplink::Uplink {
         config: up.clone(),
         outbox,
         forward: forward.clone(),
-        broker,
+        broker: None,
         live: live_rx,
         stats: stats.clone(),
         password,
         tls,
         attempted: Default::default(),
     };
-    let task = tokio::spawn(task.run(stop_rx));
-    Ok((forward, RunningUplink { stats, stop, task }))
+    Ok((forward, PreparedUplink { task, stats }))
 }
 
 /// Starts every stage; returns once listeners are bound.
@@ -325,21 +342,15 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         Some(_) => Some(open_outbox(&config)?),
         None => None,
     };
-    // The router's forward rules and the uplink task share one `Forward`. The router gets it
-    // through its queue before the first client's packets, which queue behind it.
-    let broker = broker::Broker::start(&config).await?;
-    let uplink = match (&config.upstream, &outbox) {
-        (Some(up), Some(ob)) => {
-            let (forward, running) = start_uplink(up, &config, ob.clone(), broker.handle())?;
-            broker
-                .handle()
-                .set_forward(Some(forward))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            Some(running)
-        }
+    // The router forwards from its first message: it starts with the rules, and the listeners
+    // accept only once it has them (invariant 1 holds from the first connection).
+    let prepared = match (&config.upstream, &outbox) {
+        (Some(up), Some(ob)) => Some(prepare_uplink(up, &config, ob.clone())?),
         _ => None,
     };
+    let forward = prepared.as_ref().map(|(f, _)| f.clone());
+    let broker = broker::Broker::start_with(&config, forward).await?;
+    let uplink = prepared.map(|(_, p)| p.spawn(broker.handle()));
 
     // ingest → decode (in each port task) → pipeline: dedupe, registry, map → broker
     let (inbound, inbound_rx) = tokio::sync::mpsc::channel(ingest::INBOUND_QUEUE);

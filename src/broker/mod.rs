@@ -174,8 +174,17 @@ impl BrokerHandle {
 
 impl Broker {
     /// Restores state, binds every listener and starts serving.
-    /// Forwarding to an outbox is handed over afterwards with [`BrokerHandle::set_forward`].
+    /// Restores state, binds every listener and starts serving, with no forwarding.
     pub async fn start(config: &ValidConfig) -> Result<Broker, crate::Error> {
+        Self::start_with(config, None).await
+    }
+
+    /// Like [`start`](Self::start), forwarding what the out-rules select to the outbox from
+    /// the first message on.
+    pub async fn start_with(
+        config: &ValidConfig,
+        forward: Option<Arc<crate::uplink::Forward>>,
+    ) -> Result<Broker, crate::Error> {
         let b = &config.broker;
         let passwords = match &b.password_file {
             Some(path) => Some(Arc::new(auth::PasswordFile::load(path).map_err(|e| {
@@ -223,7 +232,7 @@ impl Broker {
                 max_queued: b.max_queued,
                 sys_interval: b.sys_interval,
                 snapshot_interval: b.snapshot_interval,
-                forward: None,
+                forward,
             },
             stats.clone(),
             store,

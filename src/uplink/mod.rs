@@ -65,7 +65,8 @@ pub struct Uplink {
     pub config: UpstreamConfig,
     pub outbox: Outbox,
     pub forward: Arc<Forward>,
-    pub broker: BrokerHandle,
+    /// Set when the task is spawned, once the broker runs.
+    pub broker: Option<BrokerHandle>,
     pub live: mpsc::Receiver<Record>,
     pub stats: Arc<UplinkStats>,
     pub password: Option<String>,
@@ -390,10 +391,11 @@ impl Uplink {
         let deliver = p.qos != QoS::ExactlyOnce || qos2.insert(p.pkid);
         if deliver {
             if let Some(topic) = self.forward.local_topic(&p.topic) {
-                let _ = self
-                    .broker
-                    .publish_from_upstream(topic, p.payload.clone(), p.qos, p.retain)
-                    .await;
+                if let Some(broker) = &self.broker {
+                    let _ = broker
+                        .publish_from_upstream(topic, p.payload.clone(), p.qos, p.retain)
+                        .await;
+                }
             }
         }
         let ack = match p.qos {

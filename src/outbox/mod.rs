@@ -544,6 +544,28 @@ impl Shared {
         true
     }
 
+    /// Appends taken by the writer for the commit in progress (neither queued nor indexed).
+    fn in_flight_appends(&self) -> u64 {
+        let queued = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::Append { .. }))
+            .count() as u64;
+        self.queued_count.saturating_sub(queued)
+    }
+
+    /// Drop-oldest after a commit: committed records first, then those still queued.
+    pub(crate) fn trim_to_quota(&mut self, max_bytes: u64) {
+        while self.stored_bytes() > max_bytes {
+            if let Some(&oldest) = self.index.keys().next() {
+                self.remove(oldest, Some(DropReason::Oldest));
+                self.counters.dropped_oldest += 1;
+            } else if self.in_flight_appends() > 0 || !self.drop_oldest_queued() {
+                break;
+            }
+        }
+    }
+
     /// Drops the oldest record not yet committed (a burst larger than the quota within one
     /// commit window); its producer is told `Full` and the drop is counted. False if none.
     fn drop_oldest_queued(&mut self) -> bool {
@@ -818,7 +840,9 @@ impl Outbox {
                         if let Some(&oldest) = s.index.keys().next() {
                             s.remove(oldest, Some(DropReason::Oldest));
                             s.counters.dropped_oldest += 1;
-                        } else if !s.drop_oldest_queued() {
+                        } else if s.in_flight_appends() > 0 || !s.drop_oldest_queued() {
+                            // Older records are being written right now: the writer trims to
+                            // the quota, oldest first, once they are indexed.
                             break;
                         }
                     }

@@ -299,6 +299,11 @@ impl Writer {
                         Op::Flush { .. } | Op::Removed { .. } => {}
                     }
                 }
+                // A burst may have gone over the quota while this batch was being written:
+                // now that its records are indexed, drop the oldest first.
+                if self.inner.config.when_full == crate::outbox::FullPolicy::DropOldest {
+                    s.trim_to_quota(max_bytes);
+                }
                 // Older segments with nothing pending are covered by this segment's head.
                 for (&n, &live) in &s.seg_live {
                     if n < number && live == 0 {

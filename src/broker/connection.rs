@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -60,8 +60,8 @@ impl std::fmt::Display for End {
 pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    let mut wr = BufWriter::with_capacity(WRITE_BATCH, wr);
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut wr = BufWriter::new(wr);
+    let mut buf = BytesMut::new();
 
     let connect =
         match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut rd, &mut buf, &shared)).await
@@ -150,7 +150,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
                     break End::Io(e);
                 }
             }
-            read = rd.read_buf(&mut buf) => {
+            read = read_some(&mut rd, &mut buf) => {
                 match read {
                     Ok(0) => break End::Eof,
                     Ok(n) => {
@@ -226,9 +226,9 @@ async fn handle_input<W: AsyncWriteExt + Unpin>(
     if wrote {
         wr.flush().await.map_err(End::Io)?;
     }
-    // Give back memory a burst took; keep a small buffer for the next read.
-    if buf.is_empty() && buf.capacity() > 64 * 1024 {
-        *buf = BytesMut::with_capacity(4096);
+    // Give back memory a burst took: an idle connection keeps only a small buffer.
+    if buf.is_empty() && buf.capacity() > READ_IDLE {
+        *buf = BytesMut::new();
     }
     result
 }
@@ -261,7 +261,7 @@ async fn read_connect<R: AsyncReadExt + Unpin>(
                 });
             }
         }
-        match rd.read_buf(buf).await {
+        match read_some(rd, buf).await {
             Ok(0) => {
                 return Err(Refuse {
                     code: None,
@@ -340,6 +340,73 @@ fn effective_keep_alive(client: u16, max: u16) -> Option<u16> {
         (0, m) => Some(m),
         (c, 0) => Some(c),
         (c, m) => Some(c.min(m)),
+    }
+}
+
+/// Read buffers start small, so thousands of idle connections cost little, and grow while
+/// reads fill them.
+const READ_IDLE: usize = 512;
+const READ_MAX: usize = 64 * 1024;
+
+/// Reads into `buf`, giving it room first: the spare room doubles after a read that filled it.
+async fn read_some<R: AsyncReadExt + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    if spare < READ_IDLE / 4 {
+        let want = (buf.capacity() * 2).clamp(READ_IDLE, READ_MAX);
+        buf.reserve(want);
+    }
+    rd.read_buf(buf).await
+}
+
+/// A write buffer that gathers a batch of packets into one write, and lets go of its memory
+/// when a connection falls idle (unlike tokio's `BufWriter`, which keeps its capacity).
+struct BufWriter<W> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWriteExt + Unpin> BufWriter<W> {
+    fn new(inner: W) -> Self {
+        BufWriter {
+            inner,
+            buf: Vec::new(),
+        }
+    }
+
+    fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        if self.buf.len() + b.len() > WRITE_BATCH {
+            self.flush_buffer().await?;
+        }
+        if b.len() >= WRITE_BATCH {
+            return self.inner.write_all(b).await;
+        }
+        self.buf.extend_from_slice(b);
+        Ok(())
+    }
+
+    async fn flush_buffer(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf).await?;
+            // A small batch means a quiet connection: do not keep a large buffer for it.
+            if self.buf.len() < 1024 && self.buf.capacity() > 4096 {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_buffer().await?;
+        self.inner.flush().await
     }
 }
 

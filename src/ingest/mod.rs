@@ -21,8 +21,10 @@ use crate::decode::{
 /// Observations waiting for the pipeline. When full, ports stop reading and the OS buffers
 /// the serial bytes: backpressure rather than loss.
 pub const INBOUND_QUEUE: usize = 1024;
-/// Frames waiting to be written to one port (acks, commands).
-pub const DOWNLINK_QUEUE: usize = 256;
+/// Frames waiting to be written to one port (acks, commands). The pipeline can be ahead of a
+/// port by at most the inbound queue plus one read's frames, and the port writes before it
+/// reads again, so acknowledgements are not dropped even under a flood.
+pub const DOWNLINK_QUEUE: usize = 4096;
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// At most one bad-input log line per port per this period; the rest are counted.
@@ -183,17 +185,14 @@ async fn run(
         let mut outcomes = Vec::new();
         let ended = loop {
             tokio::select! {
-                read = stream.read(&mut buf) => {
-                    let n = match read {
-                        Ok(0) => break "end of stream".to_string(),
-                        Ok(n) => n,
-                        Err(e) => break e.to_string(),
-                    };
-                    stats.bytes.fetch_add(n as u64, Relaxed);
-                    decoder.feed(&buf[..n], &mut outcomes);
-                    if !forward(&name, &mut outcomes, &stats, &inbound, &reply, &mut limiter).await {
-                        return;
-                    }
+                // Stopping first, then acknowledgements (a node waits for them, and they
+                // bound the queue), then reading.
+                biased;
+                _ = stop.changed() => {
+                    decoder.finish(&mut outcomes);
+                    let _ = forward(&name, &mut outcomes, &stats, &inbound, &reply, &mut limiter).await;
+                    stats.open.store(false, Relaxed);
+                    return;
                 }
                 out = downlink.recv() => {
                     let Some(out) = out else { return };
@@ -214,11 +213,17 @@ async fn run(
                         }
                     }
                 }
-                _ = stop.changed() => {
-                    decoder.finish(&mut outcomes);
-                    let _ = forward(&name, &mut outcomes, &stats, &inbound, &reply, &mut limiter).await;
-                    stats.open.store(false, Relaxed);
-                    return;
+                read = stream.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) => break "end of stream".to_string(),
+                        Ok(n) => n,
+                        Err(e) => break e.to_string(),
+                    };
+                    stats.bytes.fetch_add(n as u64, Relaxed);
+                    decoder.feed(&buf[..n], &mut outcomes);
+                    if !forward(&name, &mut outcomes, &stats, &inbound, &reply, &mut limiter).await {
+                        return;
+                    }
                 }
             }
         };

@@ -897,12 +897,17 @@ impl Outbox {
     /// Returns false if the id is not pending.
     pub fn ack(&self, id: u64) -> bool {
         let mut s = self.inner.lock();
+        let before = s.ops.len();
         let found = s.remove(id, None);
         if found {
             s.admit_blocked(self.inner.config.max_bytes);
         }
+        // Wake the writer only when it has something new to schedule: the first queued
+        // operation (it arms the ack commit delay) or appends let in from `Block`. Waking it for
+        // every ack costs a thread switch per delivered message while draining a backlog.
+        let wake = found && (before == 0 || s.ops.len() > before + 1);
         drop(s);
-        if found {
+        if wake {
             self.inner.wake.notify_one();
         }
         found

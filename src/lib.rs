@@ -79,6 +79,8 @@ struct RunningUplink {
     stats: Arc<uplink::UplinkStats>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Follows this uplink into the device status; replaced with the uplink on reload.
+    reporter: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What a configuration reload changed.
@@ -162,6 +164,9 @@ impl Gateway {
         if old.upstream != new.upstream || old.outbox.store_qos0 != new.outbox.store_qos0 {
             report.upstream_changed = true;
             if let Some(u) = self.uplink.take() {
+                if let Some(r) = &u.reporter {
+                    r.abort();
+                }
                 let _ = u.stop.send(true);
                 let _ = u.task.await;
             }
@@ -172,7 +177,13 @@ impl Gateway {
                     }
                     let outbox = self.outbox.clone().ok_or(Error::Stopped)?;
                     let (forward, prepared) = prepare_uplink(up, &new, outbox)?;
-                    let uplink = prepared.spawn(self.broker.handle());
+                    let mut uplink = prepared.spawn(self.broker.handle());
+                    uplink.reporter = Some(report_uplink(
+                        &self.device,
+                        uplink.stats.clone(),
+                        self.outbox.clone().ok_or(Error::Stopped)?,
+                        new.broker.sys_interval,
+                    ));
                     self.broker
                         .handle()
                         .set_forward(Some(forward))
@@ -181,6 +192,8 @@ impl Gateway {
                     self.uplink = Some(uplink);
                 }
                 None => {
+                    self.device
+                        .set_uplink(health::UplinkStatus::not_configured());
                     self.broker
                         .handle()
                         .set_forward(None)
@@ -290,6 +303,7 @@ impl PreparedUplink {
             stats: self.stats,
             stop,
             task,
+            reporter: None,
         }
     }
 }
@@ -416,13 +430,14 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
     )
     .await?;
 
-    if let (Some(u), Some(ob)) = (&uplink, &outbox) {
-        report_uplink(
+    let mut uplink = uplink;
+    if let (Some(u), Some(ob)) = (&mut uplink, &outbox) {
+        u.reporter = Some(report_uplink(
             &device,
             u.stats.clone(),
             ob.clone(),
             config.broker.sys_interval,
-        );
+        ));
     }
 
     Ok(Gateway {
@@ -446,7 +461,7 @@ fn report_uplink(
     stats: Arc<uplink::UplinkStats>,
     outbox: outbox::Outbox,
     every: std::time::Duration,
-) {
+) -> tokio::task::JoinHandle<()> {
     use std::sync::atomic::Ordering::Relaxed;
     let tx = device.uplink_reporter();
     tokio::spawn(async move {
@@ -476,7 +491,7 @@ fn report_uplink(
                 }
             });
         }
-    });
+    })
 }
 
 /// The upstream password from its file or environment variable; never logged.

@@ -62,7 +62,7 @@ async fn subscriber(gw: &sensorgate::Gateway) -> (AsyncClient, EventLoop) {
     }
 }
 
-/// The next live message not under `$SYS`.
+/// The next live reading: not under `$SYS`, not the gateway's own `sensorgate/...` status.
 async fn next(events: &mut EventLoop) -> (String, String) {
     loop {
         match tokio::time::timeout(WAIT, events.poll())
@@ -70,7 +70,11 @@ async fn next(events: &mut EventLoop) -> (String, String) {
             .expect("in time")
             .expect("still connected")
         {
-            Event::Incoming(Packet::Publish(p)) if !p.topic.starts_with('$') && !p.retain => {
+            Event::Incoming(Packet::Publish(p))
+                if !p.topic.starts_with('$')
+                    && !p.topic.starts_with("sensorgate/")
+                    && !p.retain =>
+            {
                 return (
                     p.topic.clone(),
                     String::from_utf8_lossy(&p.payload).into_owned(),

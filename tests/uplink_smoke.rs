@@ -2,47 +2,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::Stdio;
-
-use common::{MosqSub, raw_publish, within};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-
-async fn upstream(dir: &std::path::Path) -> (Child, SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.join("up.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mosquitto runs");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    within("mosquitto to listen", async {
-        while TcpStream::connect(addr).await.is_err() {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    (child, addr)
-}
+use common::MosqSub;
+use common::raw_publish;
+use common::upstream::{MosqOptions, Mosquitto};
 
 #[tokio::test]
 async fn local_messages_reach_the_upstream_in_order_with_the_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    let (_mosq, up) = upstream(dir.path()).await;
+    let mosq = Mosquitto::start(dir.path(), MosqOptions::default()).await;
+    let up = mosq.addr();
     let mut sub = MosqSub::spawn(up, &["-t", "site/#", "-q", "1"]).await;
     let text = format!(
         r#"

@@ -143,11 +143,7 @@ impl Drop for TestBroker {
 
 /// Self-check mode only: a `mosquitto` configured like the gateway would be.
 async fn start_mosquitto(dir: &Path, broker_toml: &str) -> (Child, SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = upstream::free_port();
     let mut conf = format!(
         "user root\nlistener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n\
          persistence_file broker.snapshot\nallow_anonymous true\nlog_dest stderr\n",

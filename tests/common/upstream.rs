@@ -13,13 +13,29 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and that nobody else in this machine's tests will be
+/// handed while this process runs: it comes from 20000..32000, below Linux's ephemeral range
+/// (32768..60999), so no `bind(0)` and no outgoing connection can take it while a broker the
+/// test stopped is down; and each test process walks its own offset of that range (cargo runs
+/// test binaries one at a time; the threads of one binary share the counter).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Debian installs the broker in /usr/sbin, which a test's PATH may lack.

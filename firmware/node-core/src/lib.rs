@@ -11,11 +11,13 @@
 pub mod duty;
 pub mod node;
 pub mod queue;
+pub mod radio;
 pub mod sensors;
 
 pub use duty::{DutyCycle, LoraParams};
 pub use node::{Effect, Node, NodeConfig, Poll, Reply};
 pub use queue::{Backoff, UplinkQueue};
+pub use radio::{RadioConfig, RadioNode, RadioPoll};
 
 /// Milliseconds since boot.
 pub type Millis = u64;

@@ -20,9 +20,9 @@
 use heapless::{Deque, Vec};
 use sensorgate_wire::{Frame, FrameKind, MAX_FRAME, decode_raw, encode, unframe};
 
+use crate::Millis;
 use crate::duty::{DutyCycle, LoraParams};
 use crate::node::{Effect, Node, Poll};
-use crate::Millis;
 
 /// Frames waiting for airtime: a Hello, a Readings, a Heartbeat and an Ack fit. When it is
 /// full, `Readings` give way first: they stay in the node's uplink queue and are resent. Other
@@ -506,12 +506,20 @@ mod tests {
                 }
                 RadioPoll::Measure => r.readings(sample(), now),
                 RadioPoll::Heartbeat => r.heartbeat(3_300, now),
-                RadioPoll::Listen { until } | RadioPoll::Sleep { until } => now = until.max(now + 1),
+                RadioPoll::Listen { until } | RadioPoll::Sleep { until } => {
+                    now = until.max(now + 1)
+                }
             }
         }
         // 1 % of an hour plus the initial burst.
-        assert!(airtime_us <= 36_000_000 + 3_600_000, "{airtime_us} µs on air");
-        assert!(airtime_us > 30_000_000, "the budget is used, {airtime_us} µs");
+        assert!(
+            airtime_us <= 36_000_000 + 3_600_000,
+            "{airtime_us} µs on air"
+        );
+        assert!(
+            airtime_us > 30_000_000,
+            "the budget is used, {airtime_us} µs"
+        );
         assert!(r.stats().duty_waits > 0);
     }
 
@@ -618,7 +626,10 @@ mod tests {
         let nack = transmit(r.poll(4_500));
         assert!(matches!(
             nack.body,
-            Body::Ack(Ack { of: FrameRef { seq: 4, .. }, status: AckStatus::Rejected(_) })
+            Body::Ack(Ack {
+                of: FrameRef { seq: 4, .. },
+                status: AckStatus::Rejected(_)
+            })
         ));
     }
 

@@ -485,6 +485,21 @@ impl Bridge {
     }
 }
 
+/// Parses a list of node ids, decimal or `0x` hex, separated by commas or spaces (the
+/// bridge's `SENSORGATE_LORA_ALWAYS_LISTENING`). `None` if an id is malformed or there are
+/// more than [`MAX_ALWAYS_LISTENING`].
+pub fn parse_node_ids(text: &str) -> Option<Vec<u32, MAX_ALWAYS_LISTENING>> {
+    let mut ids = Vec::new();
+    for item in text.split([',', ' ']).filter(|item| !item.is_empty()) {
+        let id = match item.strip_prefix("0x").or_else(|| item.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+            None => item.parse().ok()?,
+        };
+        ids.push(id).ok()?;
+    }
+    Some(ids)
+}
+
 const NO_REPLY: Reply = Reply {
     frame: None,
     effect: Effect::None,
@@ -882,6 +897,15 @@ mod tests {
         b.on_serial(&uplink(NODE, 1), 0);
         assert_eq!(b.stats().serial_ignored, 2);
         assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn always_listening_ids_parse_from_decimal_and_hex_lists() {
+        assert_eq!(parse_node_ids("").unwrap(), []);
+        assert_eq!(parse_node_ids("0x17, 42,0XFF").unwrap(), [0x17, 42, 0xFF]);
+        assert_eq!(parse_node_ids("17,x"), None);
+        assert_eq!(parse_node_ids("4294967296"), None);
+        assert_eq!(parse_node_ids("1,2,3,4,5,6,7,8,9"), None);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! settings and the panic handler (the wired node's `main.rs` has its own copies).
 
 use embassy_executor::{SpawnError, SpawnToken, Spawner};
+use embassy_futures::select::{Either, select};
 use embassy_rp::watchdog::Watchdog;
-use embassy_time::{Duration, Instant};
+use embassy_time::{Duration, Instant, Timer};
 
 /// The watchdog resets the chip if the main loop stalls this long (the RP2040 maximum is ~8.3 s).
 pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,9 +26,31 @@ pub fn now() -> u64 {
     Instant::now().as_millis()
 }
 
-/// The earlier of `until` (milliseconds since boot) and the next watchdog feed.
-pub fn wake_at(until: u64) -> Instant {
-    Instant::from_millis(until).min(Instant::now() + WATCHDOG_FEED)
+/// Runs `future` to completion while feeding the watchdog, or gives up at `deadline`
+/// (`None`). For waits that may outlast the watchdog, such as a packet seconds long on air.
+pub async fn feeding<F: Future>(
+    watchdog: &mut Watchdog,
+    deadline: Instant,
+    future: F,
+) -> Option<F::Output> {
+    let mut future = core::pin::pin!(future);
+    loop {
+        let wake = deadline.min(Instant::now() + WATCHDOG_FEED);
+        match select(future.as_mut(), Timer::at(wake)).await {
+            Either::First(output) => return Some(output),
+            Either::Second(()) => {
+                watchdog.feed(WATCHDOG_TIMEOUT);
+                if Instant::now() >= deadline {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `deadline`, feeding the watchdog.
+pub async fn sleep_until(watchdog: &mut Watchdog, deadline: Instant) {
+    feeding(watchdog, deadline, core::future::pending::<()>()).await;
 }
 
 /// Spawns a task; the pools are sized for one instance each, so this fails only on a

@@ -26,16 +26,14 @@ mod radio;
 #[path = "../rt.rs"]
 mod rt;
 
-use core::pin::pin;
-
 use embassy_executor::Spawner;
-use embassy_futures::select::{Either3, select3};
+use embassy_futures::select::{Either, select};
 use embassy_rp::clocks::RoscRng;
 use embassy_rp::gpio::{Level, Output};
 use embassy_rp::watchdog::Watchdog;
-use embassy_time::{Duration, Timer, with_timeout};
+use embassy_time::{Duration, Instant, Timer};
 use radio::{MAX_PACKET, Radio, Role, SETTINGS};
-use rt::{WATCHDOG_TIMEOUT, now, spawn, wake_at};
+use rt::{WATCHDOG_TIMEOUT, now, spawn};
 use sensorgate_node_core::bridge::{self, Bridge, BridgeConfig, BridgePoll};
 use sensorgate_node_core::{Effect, Reply};
 use sensorgate_wire::{Frame, FrameError, LinkQuality};
@@ -48,8 +46,8 @@ const HEARTBEAT_INTERVAL_S: u32 = 60;
 const TURNAROUND_MS: u64 = 20;
 /// A downlink whose node stays silent this long is dropped (counted in the Heartbeat).
 const DOWNLINK_TTL_MS: u64 = 15 * 60 * 1000;
-/// A transmission that has not finished in this time failed.
-const TX_TIMEOUT: Duration = Duration::from_secs(4);
+/// A transmission that has not ended this long after its computed time on air failed.
+const TX_MARGIN: Duration = Duration::from_secs(1);
 /// How long a radio that does not answer at boot is given before the watchdog reset retries.
 const RADIO_RETRY: Duration = Duration::from_secs(10);
 /// Nodes that always listen (mains powered), e.g. `SENSORGATE_LORA_ALWAYS_LISTENING=0x17,0x2A`.
@@ -98,11 +96,7 @@ async fn main(spawner: Spawner) {
             defmt::error!("radio: {}", _error);
             // Blink, then let the watchdog reset the chip and try again from scratch.
             led::signal(led::Pattern::Fault);
-            let end = embassy_time::Instant::now() + RADIO_RETRY;
-            while embassy_time::Instant::now() < end {
-                watchdog.feed(WATCHDOG_TIMEOUT);
-                Timer::after_secs(1).await;
-            }
+            rt::sleep_until(&mut watchdog, Instant::now() + RADIO_RETRY).await;
             loop {
                 Timer::after_secs(1).await;
             }
@@ -139,27 +133,20 @@ async fn main(spawner: Spawner) {
         match bridge.poll(now()) {
             BridgePoll::Serial(frame) => link.send(&frame),
             BridgePoll::Transmit { payload, .. } => {
-                match with_timeout(TX_TIMEOUT, radio.transmit(&payload)).await {
-                    Ok(Ok(())) => bridge.transmitted(now()),
+                let airtime = Duration::from_micros(SETTINGS.lora.airtime_us(payload.len()));
+                let deadline = Instant::now() + airtime + TX_MARGIN;
+                match rt::feeding(&mut watchdog, deadline, radio.transmit(&payload)).await {
+                    Some(Ok(())) => bridge.transmitted(now()),
                     _ => bridge.transmit_failed(now()),
                 }
             }
             BridgePoll::Listen { until } => {
-                let event = {
-                    let mut rx = pin!(radio.receive(&mut buf));
-                    loop {
-                        match select3(rx.as_mut(), link::receive(), Timer::at(wake_at(until))).await
-                        {
-                            Either3::First(result) => break Event::Radio(result),
-                            Either3::Second(incoming) => break Event::Serial(incoming),
-                            Either3::Third(()) => {
-                                watchdog.feed(WATCHDOG_TIMEOUT);
-                                if now() >= until {
-                                    break Event::Timeout;
-                                }
-                            }
-                        }
-                    }
+                let deadline = Instant::from_millis(until);
+                let either = select(radio.receive(&mut buf), link::receive());
+                let event = match rt::feeding(&mut watchdog, deadline, either).await {
+                    Some(Either::First(received)) => Event::Radio(received),
+                    Some(Either::Second(incoming)) => Event::Serial(incoming),
+                    None => Event::Timeout,
                 };
                 match event {
                     Event::Radio(Ok((len, quality))) => {

@@ -28,16 +28,13 @@ mod rt;
 #[path = "../sensors.rs"]
 mod sensors;
 
-use core::pin::pin;
-
 use embassy_executor::Spawner;
-use embassy_futures::select::{Either, select};
 use embassy_rp::clocks::RoscRng;
 use embassy_rp::gpio::{Level, Output};
 use embassy_rp::watchdog::Watchdog;
-use embassy_time::{Duration, Instant, Timer, with_timeout};
+use embassy_time::{Duration, Instant, Timer};
 use radio::{MAX_PACKET, Radio, Role, SETTINGS};
-use rt::{WATCHDOG_FEED, WATCHDOG_TIMEOUT, now, spawn, wake_at};
+use rt::{WATCHDOG_TIMEOUT, now, spawn};
 use sensorgate_node_core::{Backoff, Effect, Node, NodeConfig, RadioConfig, RadioNode, RadioPoll};
 
 #[cfg(feature = "defmt")]
@@ -50,9 +47,8 @@ const BACKOFF: Backoff = Backoff {
     first_ms: 10_000,
     max_ms: 300_000,
 };
-/// A transmission that has not finished in this time failed (the longest frame at SF12 is
-/// about 2.5 s on air).
-const TX_TIMEOUT: Duration = Duration::from_secs(4);
+/// A transmission that has not ended this long after its computed time on air failed.
+const TX_MARGIN: Duration = Duration::from_secs(1);
 /// How often a radio that did not answer is tried again.
 const RADIO_RETRY: Duration = Duration::from_secs(10);
 /// A `Reboot` waits this long at most for its `Ack` to get airtime.
@@ -116,7 +112,7 @@ async fn main(spawner: Spawner) {
                 #[cfg(feature = "defmt")]
                 defmt::error!("radio: {}", _error);
                 led::signal(led::Pattern::Fault);
-                feed_for(&mut watchdog, RADIO_RETRY).await;
+                rt::sleep_until(&mut watchdog, Instant::now() + RADIO_RETRY).await;
             }
         }
     };
@@ -158,8 +154,10 @@ async fn main(spawner: Spawner) {
         }
         match node.poll(now()) {
             RadioPoll::Transmit(payload) => {
-                match with_timeout(TX_TIMEOUT, radio.transmit(&payload)).await {
-                    Ok(Ok(())) => {
+                let airtime = Duration::from_micros(SETTINGS.lora.airtime_us(payload.len()));
+                let deadline = Instant::now() + airtime + TX_MARGIN;
+                match rt::feeding(&mut watchdog, deadline, radio.transmit(&payload)).await {
+                    Some(Ok(())) => {
                         node.transmitted(now());
                         led::signal(led::Pattern::Sent);
                     }
@@ -175,21 +173,10 @@ async fn main(spawner: Spawner) {
                 node.heartbeat(supply_mv, now());
             }
             RadioPoll::Listen { until } => {
-                let received = {
-                    let mut rx = pin!(radio.receive(&mut buf));
-                    loop {
-                        match select(rx.as_mut(), Timer::at(wake_at(until))).await {
-                            Either::First(result) => break result.ok().map(|(len, _)| len),
-                            Either::Second(()) => {
-                                watchdog.feed(WATCHDOG_TIMEOUT);
-                                if now() >= until {
-                                    break None;
-                                }
-                            }
-                        }
-                    }
-                };
-                if let Some(len) = received {
+                let deadline = Instant::from_millis(until);
+                let received = rt::feeding(&mut watchdog, deadline, radio.receive(&mut buf)).await;
+                // Nothing before the deadline, or a reception error (CRC, radio): listen on.
+                if let Some(Ok((len, _))) = received {
                     match node.received(&buf[..len.min(buf.len())], now()) {
                         Effect::None => {}
                         Effect::Identify { until } => led::signal(led::Pattern::Identify { until }),
@@ -200,18 +187,9 @@ async fn main(spawner: Spawner) {
             RadioPoll::Sleep { until } => {
                 // A radio that fails to sleep only costs current; the next use reconfigures it.
                 let _ = radio.sleep().await;
-                Timer::at(wake_at(until)).await;
+                rt::sleep_until(&mut watchdog, Instant::from_millis(until)).await;
             }
         }
-    }
-}
-
-/// Waits `duration`, feeding the watchdog.
-async fn feed_for(watchdog: &mut Watchdog, duration: Duration) {
-    let end = Instant::now() + duration;
-    while Instant::now() < end {
-        watchdog.feed(WATCHDOG_TIMEOUT);
-        Timer::after(WATCHDOG_FEED.min(end.saturating_duration_since(Instant::now()))).await;
     }
 }
 

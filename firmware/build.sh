@@ -5,9 +5,12 @@
 #   sensorgate-node-uart.elf  frames over UART0, node id from the flash unique id (hardware)
 #   sensorgate-node-usb.elf   frames over USB CDC-ACM, node id from the flash unique id (hardware)
 #   sensorgate-node-emu.elf   UART0, node id 0x00C0FFEE (the emulator cannot read a flash id)
+#   sensorgate-lora-node.elf  LoRa node, RFM95W/SX1276 on SPI1 (built only: no radio here)
+#   sensorgate-lora-bridge.elf  LoRa-to-USB-CDC bridge, RFM95W/SX1276 on SPI1 (built only)
 #   *.uf2                     for BOOTSEL drag-and-drop, when elf2uf2-rs is installed
 # Environment: SENSORGATE_INTERVAL_S (reading interval, default 60) applies to every image;
-# SENSORGATE_NODE_ID, if set, to the hardware images too.
+# SENSORGATE_NODE_ID, if set, to the hardware images too; SENSORGATE_LORA_* (see README.md)
+# to the LoRa images.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 node_dir="$here/node"
@@ -40,6 +43,17 @@ build usb --no-default-features --features transport-usb
 # A feature of the node crate only: the dependencies are shared with the hardware images.
 build emu --features emulator
 
+# Both LoRa images in one cargo run (they link in parallel); the bridge talks USB CDC-ACM.
+start=$SECONDS
+echo "==> cargo build --release --no-default-features --features radio,transport-usb (lora-node, lora-bridge)"
+cargo build --release --quiet --no-default-features --features radio,transport-usb \
+  --bin lora-node --bin lora-bridge
+for bin in lora-node lora-bridge; do
+  cp "${CARGO_TARGET_DIR:-$node_dir/target}/thumbv6m-none-eabi/release/$bin" \
+    "$images/sensorgate-$bin.elf"
+done
+echo "    built in $((SECONDS - start)) s"
+
 # Flash = what is programmed (boot2, vectors, code, read-only data, .data initialisers);
 # static RAM = .data + .bss + .uninit (the stack takes the rest of the 264 KiB).
 if command -v arm-none-eabi-size >/dev/null 2>&1; then size_tool=arm-none-eabi-size; else size_tool=size; fi
@@ -49,13 +63,13 @@ for f in "$images"/*.elf; do
     $1 ~ /^\.(boot2|vector_table|text|rodata)$/ { flash += $2 }
     $1 == ".data" { flash += $2; ram += $2 }
     $1 ~ /^\.(bss|uninit)$/ { ram += $2 }
-    END { printf "    %-28s flash %6d B (%.1f KiB)   static RAM %6d B (%.1f KiB)\n", name, flash, flash/1024, ram, ram/1024 }'
+    END { printf "    %-30s flash %6d B (%.1f KiB)   static RAM %6d B (%.1f KiB)\n", name, flash, flash/1024, ram, ram/1024 }'
 done
 
 if command -v elf2uf2-rs >/dev/null 2>&1; then
   echo "==> elf2uf2-rs"
-  for name in uart usb; do
-    elf2uf2-rs "$images/sensorgate-node-$name.elf" "$images/sensorgate-node-$name.uf2"
+  for name in node-uart node-usb lora-node lora-bridge; do
+    elf2uf2-rs "$images/sensorgate-$name.elf" "$images/sensorgate-$name.uf2"
   done
   ls -l "$images"/*.uf2 | awk '{ print "    " $NF ": " $5 " B" }'
 else

@@ -17,7 +17,10 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=--nmagic");
     println!("cargo:rustc-link-arg-bins=-Tlink.x");
     println!("cargo:rustc-link-arg-bins=-Tlink-rp.x");
-    if env::var_os("CARGO_FEATURE_DEFMT").is_some() {
+    // lora-phy (feature `radio`) always links defmt, whose sections need its linker script;
+    // they take no flash (they are debug info), and with no log enabled no logger is needed.
+    if env::var_os("CARGO_FEATURE_DEFMT").is_some() || env::var_os("CARGO_FEATURE_RADIO").is_some()
+    {
         println!("cargo:rustc-link-arg-bins=-Tdefmt.x");
     }
 }

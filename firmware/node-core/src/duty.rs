@@ -82,6 +82,24 @@ impl LoraParams {
         crc: true,
     };
 
+    /// Checks the settings a LoRa radio accepts (SF7–12; 125, 250 or 500 kHz; 4/5–4/8;
+    /// at least 6 preamble symbols). `const`, so a firmware build fails on a bad setting.
+    pub const fn check(&self) -> Result<(), &'static str> {
+        if self.spreading_factor < 7 || self.spreading_factor > 12 {
+            return Err("LoRa spreading factor must be 7..=12");
+        }
+        if !matches!(self.bandwidth_hz, 125_000 | 250_000 | 500_000) {
+            return Err("LoRa bandwidth must be 125000, 250000 or 500000 Hz");
+        }
+        if self.coding_rate < 1 || self.coding_rate > 4 {
+            return Err("LoRa coding rate must be 1..=4 (4/5 .. 4/8)");
+        }
+        if self.preamble_symbols < 6 {
+            return Err("LoRa preamble must be at least 6 symbols");
+        }
+        Ok(())
+    }
+
     /// Time on air of a `payload_len`-byte packet in microseconds (Semtech SX127x datasheet,
     /// section 4.1.1.7), with low-data-rate optimisation when a symbol exceeds 16 ms.
     pub fn airtime_us(&self, payload_len: usize) -> u64 {
@@ -117,6 +135,31 @@ mod tests {
             ..LoraParams::SF7_BW125
         };
         assert_eq!(sf12.airtime_us(10) / 1000, 991); // 991.232 ms, low data rate optimised
+    }
+
+    #[test]
+    fn check_accepts_radio_settings_and_names_the_bad_one() {
+        assert_eq!(LoraParams::SF7_BW125.check(), Ok(()));
+        let with = |sf, bw, cr| LoraParams {
+            spreading_factor: sf,
+            bandwidth_hz: bw,
+            coding_rate: cr,
+            ..LoraParams::SF7_BW125
+        };
+        assert_eq!(with(12, 500_000, 4).check(), Ok(()));
+        assert!(
+            with(6, 125_000, 1)
+                .check()
+                .unwrap_err()
+                .contains("spreading")
+        );
+        assert!(
+            with(7, 100_000, 1)
+                .check()
+                .unwrap_err()
+                .contains("bandwidth")
+        );
+        assert!(with(7, 125_000, 5).check().unwrap_err().contains("coding"));
     }
 
     #[test]

@@ -8,14 +8,18 @@
 //! Time is a plain millisecond count since boot ([`Millis`]); the firmware passes
 //! `embassy_time::Instant::now().as_millis()`.
 
+pub mod bridge;
 pub mod duty;
 pub mod node;
 pub mod queue;
+pub mod radio;
 pub mod sensors;
 
+pub use bridge::{Bridge, BridgeConfig, BridgePoll};
 pub use duty::{DutyCycle, LoraParams};
 pub use node::{Effect, Node, NodeConfig, Poll, Reply};
 pub use queue::{Backoff, UplinkQueue};
+pub use radio::{RadioConfig, RadioNode, RadioPoll};
 
 /// Milliseconds since boot.
 pub type Millis = u64;

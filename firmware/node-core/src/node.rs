@@ -137,6 +137,12 @@ impl Node {
         self.queue.len()
     }
 
+    /// Tells the node that its `Readings` frame `seq` went on air at `now` (later than asked,
+    /// on a duty-cycled radio): its retransmission backoff restarts from then, plus `jitter_ms`.
+    pub fn transmitted(&mut self, seq: u32, now: Millis, jitter_ms: Millis) {
+        self.queue.transmitted(seq, now, jitter_ms);
+    }
+
     /// The next thing to do. Call again after doing it, until it answers [`Poll::Idle`].
     pub fn poll(&mut self, now: Millis) -> Poll {
         if self.hello_due {

@@ -99,6 +99,18 @@ impl<const N: usize> UplinkQueue<N> {
         }
     }
 
+    /// Restarts the backoff of entry `seq` from `now`, when it actually went on air (a radio
+    /// may hold a frame back for its duty cycle), plus `extra_ms` of random jitter so that two
+    /// nodes whose packets collided do not collide again on every retry.
+    pub fn transmitted(&mut self, seq: u32, now: Millis, extra_ms: Millis) {
+        let backoff = self.backoff;
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.seq == seq) {
+            entry.due_at = now
+                .saturating_add(backoff.delay(entry.attempts))
+                .saturating_add(extra_ms);
+        }
+    }
+
     /// Makes every entry due at `now` (e.g. after a `Hello` the gateway was missing).
     pub fn make_all_due(&mut self, now: Millis) {
         for entry in self.entries.iter_mut() {
@@ -212,6 +224,24 @@ mod tests {
         assert!(!q.ack(1), "the oldest was dropped");
         assert!(q.ack(2) && q.ack(3));
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn transmitted_restarts_the_backoff_from_the_time_on_air_plus_jitter() {
+        let mut q = UplinkQueue::<4>::new(Backoff {
+            first_ms: 1_000,
+            max_ms: 8_000,
+        });
+        q.push(5, readings(1), 0);
+        // Held back by the duty cycle until 30 s, then sent.
+        q.transmitted(5, 30_000, 250);
+        assert!(q.next_due(31_249).is_none());
+        assert_eq!(q.next_due(31_250).unwrap().attempts, 2);
+        q.transmitted(5, 40_000, 0);
+        assert_eq!(q.earliest_due(), Some(42_000));
+        // Unknown entries are ignored.
+        q.transmitted(99, 0, 0);
+        assert_eq!(q.len(), 1);
     }
 
     #[test]

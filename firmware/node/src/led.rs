@@ -2,7 +2,8 @@
 //! - 3 short blinks: booted;
 //! - one 30 ms flash: a `Readings` frame was sent;
 //! - 4 Hz blinking: identify (the gateway's `Identify` command);
-//! - steady on: panic, the watchdog resets the node within 5 s.
+//! - steady on: panic, the watchdog resets the node within 5 s;
+//! - 1 s on, 1 s off (LoRa images): the radio does not answer; retried every 10 s.
 
 use embassy_futures::select::{Either, select};
 use embassy_rp::gpio::Output;
@@ -18,6 +19,9 @@ pub enum Pattern {
     Identify {
         until: u64,
     },
+    /// The radio does not answer (LoRa images only).
+    #[allow(dead_code)]
+    Fault,
 }
 
 static PATTERN: Signal<CriticalSectionRawMutex, Pattern> = Signal::new();
@@ -51,6 +55,11 @@ pub async fn task(mut led: Output<'static>) {
             }
             Pattern::Sent => {}
             Pattern::Identify { until } => identify_until = until,
+            Pattern::Fault => {
+                for _ in 0..3 {
+                    blink(&mut led, 1_000, 1_000).await;
+                }
+            }
         }
     }
 }

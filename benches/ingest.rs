@@ -5,6 +5,7 @@
 //! cargo bench --bench ingest                            # full run
 //! cargo bench --bench ingest -- --quick                 # smoke run
 //! SENSORGATE_BENCH_QUICK=1 cargo bench --bench ingest   # the same
+//! SENSORGATE_BENCH_PACED_SECS=60 cargo bench --bench ingest   # a longer paced run
 //! ```
 //!
 //! The gateway runs in this process (`sensorgate::start`) on its own tokio runtime; the load
@@ -61,7 +62,7 @@ impl Plan {
     fn from_env_and_args() -> Plan {
         let quick = std::env::args().any(|a| a == "--quick")
             || std::env::var("SENSORGATE_BENCH_QUICK").is_ok_and(|v| v == "1");
-        if quick {
+        let mut plan = if quick {
             Plan {
                 quick,
                 frames_per_port: 5_000,
@@ -73,7 +74,15 @@ impl Plan {
                 frames_per_port: 100_000,
                 paced_secs: 10,
             }
+        };
+        // A longer paced run, e.g. to profile it.
+        if let Some(secs) = std::env::var("SENSORGATE_BENCH_PACED_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            plan.paced_secs = secs;
         }
+        plan
     }
 }
 

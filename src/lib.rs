@@ -67,6 +67,8 @@ pub struct Gateway {
     ports: Vec<ingest::Port>,
     /// Kept to start ports added by a reload; dropped at shutdown so the pipeline drains.
     inbound: tokio::sync::mpsc::Sender<ingest::Inbound>,
+    /// The tick busy ports are read on, shared by all of them.
+    clock: ingest::Clock,
     pipeline: tokio::task::JoinHandle<()>,
     mapping: tokio::sync::watch::Sender<Arc<map::Mapping>>,
     port_updates: tokio::sync::watch::Sender<Vec<pipeline::PortLink>>,
@@ -229,7 +231,11 @@ impl Gateway {
             if !report.ports_restarted.contains(&p.name) {
                 report.ports_added.push(p.name.clone());
             }
-            keep.push(ingest::Port::spawn(p.clone(), self.inbound.clone()));
+            keep.push(ingest::Port::spawn(
+                p.clone(),
+                self.inbound.clone(),
+                &self.clock,
+            ));
         }
         self.ports = keep;
         let _ = self.port_updates.send(port_links(&self.ports));
@@ -368,10 +374,11 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
 
     // ingest → decode (in each port task) → pipeline: dedupe, registry, map → broker
     let (inbound, inbound_rx) = tokio::sync::mpsc::channel(ingest::INBOUND_QUEUE);
+    let clock = ingest::Clock::start();
     let ports: Vec<ingest::Port> = config
         .ports
         .iter()
-        .map(|p| ingest::Port::spawn(p.clone(), inbound.clone()))
+        .map(|p| ingest::Port::spawn(p.clone(), inbound.clone(), &clock))
         .collect();
     let mapping = Arc::new(config.mapping.clone());
     let (mapping_tx, mapping_rx) = tokio::sync::watch::channel(mapping.clone());
@@ -446,6 +453,7 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         broker,
         ports,
         inbound,
+        clock,
         pipeline,
         mapping: mapping_tx,
         port_updates,

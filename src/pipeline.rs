@@ -55,6 +55,9 @@ pub struct PortLink {
 /// Unanswered commands remembered for their results; older ones are forgotten past this.
 const MAX_PENDING_COMMANDS: usize = 256;
 
+/// Observations taken from the inbound queue in one turn of the pipeline's loop.
+const INBOUND_BATCH: usize = 256;
+
 /// Commands waiting for the pipeline.
 pub const COMMAND_QUEUE: usize = 64;
 
@@ -79,6 +82,20 @@ impl Pipeline {
                 msg = inbound.recv() => {
                     let Some(msg) = msg else { break };
                     if !self.process(msg).await {
+                        break;
+                    }
+                    // Ports deliver a tick's frames together: take what is already waiting
+                    // before looking at the other branches again (bounded, so status and
+                    // commands still get their turn).
+                    let mut more = true;
+                    for _ in 0..INBOUND_BATCH {
+                        let Ok(msg) = inbound.try_recv() else { break };
+                        if !self.process(msg).await {
+                            more = false;
+                            break;
+                        }
+                    }
+                    if !more {
                         break;
                     }
                 }
@@ -143,17 +160,17 @@ impl Pipeline {
                     ts_ms: now,
                     seq: frame.map(|f| f.seq),
                 };
-                let known = self
-                    .registry
-                    .get(&node)
-                    .map(|r| r.sensors.clone())
-                    .unwrap_or_default();
+                let knows = |registry: &Registry, channel: u16| {
+                    registry
+                        .get(&node)
+                        .is_some_and(|r| r.sensors.contains_key(&channel))
+                };
                 // A node the gateway knows nothing about (registry lost, Hello missed): ask it
                 // to announce its sensors, once per boot.
                 if let Some(f) = frame {
                     let unknown = readings
                         .iter()
-                        .any(|r| r.quantity.is_none() && !known.contains_key(&r.channel));
+                        .any(|r| r.quantity.is_none() && !knows(&self.registry, r.channel));
                     if unknown && self.hello_requested.insert((node.clone(), f.boot_id)) {
                         let id = self.next_id();
                         let command = NodeCommand::SendHello;
@@ -167,11 +184,15 @@ impl Pipeline {
                 let mut durable = Vec::with_capacity(readings.len());
                 // The node's dedupe window rides with the frame's last forwarded reading, so a
                 // crash cannot keep the records but lose the knowledge that they were seen.
-                let dedupe = frame.and_then(|_| self.registry.dedupe_state(&node));
+                let dedupe = match (&self.uplink, frame) {
+                    (Some(_), Some(_)) => self.registry.dedupe_state(&node),
+                    _ => None,
+                };
                 let count = readings.len();
+                let known = self.registry.get(&node).map(|r| &r.sensors);
                 for (i, mut reading) in readings.into_iter().enumerate() {
                     if reading.quantity.is_none() {
-                        if let Some(info) = known.get(&reading.channel) {
+                        if let Some(info) = known.and_then(|k| k.get(&reading.channel)) {
                             reading.quantity = Some(info.quantity.clone());
                             reading.unit = reading.unit.or_else(|| info.unit.clone());
                         }

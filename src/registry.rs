@@ -120,10 +120,20 @@ impl Registry {
         self.nodes.iter()
     }
 
+    /// The record of `node`, created if new (without allocating the key when it is not).
+    fn record(&mut self, node: &str) -> &mut NodeRecord {
+        if !self.nodes.contains_key(node) {
+            return self.nodes.entry(node.to_string()).or_default();
+        }
+        self.nodes
+            .get_mut(node)
+            .expect("the key is present: checked just above, nothing removed it")
+    }
+
     /// Records that `node` was heard on `port` now; returns its record.
     pub fn touch(&mut self, node: &str, port: &str, now_ms: u64) -> &mut NodeRecord {
         self.dirty = true;
-        let rec = self.nodes.entry(node.to_string()).or_default();
+        let rec = self.record(node);
         if rec.port != port {
             rec.port = port.to_string();
         }
@@ -193,7 +203,7 @@ impl Registry {
     /// Judges a numbered frame and records it as seen.
     pub fn check(&mut self, node: &str, frame: FrameId) -> Verdict {
         self.dirty = true;
-        let rec = self.nodes.entry(node.to_string()).or_default();
+        let rec = self.record(node);
         let verdict = judge(rec, frame);
         if verdict == Verdict::Duplicate {
             rec.duplicates += 1;

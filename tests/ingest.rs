@@ -532,3 +532,135 @@ async fn a_mysensors_port_uses_presentations_and_publishes_sets() {
     );
     s.gw.shutdown().await;
 }
+
+/// Reads acknowledgements until every sequence number in `seqs` was acknowledged.
+async fn acks_for(
+    master: &mut (impl tokio::io::AsyncRead + Unpin),
+    mut seqs: std::collections::BTreeSet<u32>,
+) {
+    let mut acc = wire::Accumulator::new();
+    let mut buf = [0u8; 4096];
+    while !seqs.is_empty() {
+        let n = tokio::time::timeout(WAIT, master.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{} frames still unacknowledged", seqs.len()))
+            .expect("read");
+        for d in acc.feed_iter(&buf[..n]) {
+            if let Ok(wire::Frame {
+                body: wire::Body::Ack(ack),
+                ..
+            }) = d.result
+            {
+                seqs.remove(&ack.of.seq);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_busy_port_is_read_on_the_tick_and_loses_nothing_then_a_lone_frame_still_arrives() {
+    let (s, mut pty) = start("", "sensorgate").await;
+    // Inside the gateway, with room for every message (an MQTT client this slow would see
+    // the broker's bounded queue drop some, by design).
+    let mut sub =
+        s.gw.broker()
+            .subscribe("sensors/room/#", 4096)
+            .await
+            .expect("subscribe");
+    let (_c, mut events) = subscriber(&s.gw, "sensors/room/#").await;
+    let stats = s.gw.port_stats()[0].1.clone();
+    // 2,000 frames, one write each, back to back: far closer together than a quiet port's,
+    // so the port is polled on the tick for most of them.
+    let (mut rd, mut wr) = tokio::io::split(pty.master);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&frame(17, 3, 0, hello())).await.unwrap();
+        for seq in 1..=2000u32 {
+            wr.write_all(&frame(
+                17,
+                3,
+                seq,
+                readings(&[(0, seq as i32, -1), (1, 5000, -2)]),
+            ))
+            .await
+            .unwrap();
+        }
+        wr
+    });
+    let (_, _) = tokio::join!(acks_for(&mut rd, (1..=2000).collect()), async {
+        // The temperatures arrive in order, each once.
+        for seq in 1..=2000u32 {
+            let m = tokio::time::timeout(WAIT, sub.recv())
+                .await
+                .expect("a message in time")
+                .expect("subscribed");
+            let (topic, payload) = (m.topic, String::from_utf8_lossy(&m.payload).into_owned());
+            assert_eq!(topic, "sensors/room/17/temp");
+            assert_eq!(payload, format!("{}.{}", seq / 10, seq % 10), "frame {seq}");
+        }
+    });
+    let wr = writer.await.unwrap();
+    // The Hello and the 2,000.
+    assert_eq!(
+        stats.frames.load(std::sync::atomic::Ordering::Relaxed),
+        2001
+    );
+    assert!(
+        stats
+            .busy_periods
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1,
+        "the flood made the port busy"
+    );
+    // Quiet again, the port goes back to reading each frame as it arrives.
+    tokio::time::timeout(WAIT, async {
+        while stats.polled.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the port is watched again after a quiet second");
+    // A lone frame afterwards is read and acknowledged too (the MQTT client sees it after
+    // what it was sent of the flood).
+    pty.master = rd.unsplit(wr);
+    pty.master
+        .write_all(&frame(17, 3, 2001, readings(&[(0, 123, -1)])))
+        .await
+        .unwrap();
+    while next_publish(&mut events).await.1 != "12.3" {}
+    assert_eq!(next_ack(&mut pty.master).await.of.seq, 2001);
+    s.gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_busy_port_that_vanishes_is_reopened() {
+    let (s, pty) = start("", "sensorgate").await;
+    let (_c, mut events) = subscriber(&s.gw, "sensors/room/#").await;
+    let stats = s.gw.port_stats()[0].1.clone();
+    let mut master = pty.master;
+    master.write_all(&frame(17, 4, 0, hello())).await.unwrap();
+    for seq in 1..=300u32 {
+        master
+            .write_all(&frame(17, 4, seq, readings(&[(0, 100, -1)])))
+            .await
+            .unwrap();
+    }
+    acks_for(&mut master, (1..=300).collect()).await;
+    // Unplugged while busy.
+    drop(master);
+    drop(pty._slave);
+    let _ = std::fs::remove_file(&s.link);
+    let mut pty = pty_at(&s.link);
+    wait_opens(&stats, 2).await;
+    pty.master
+        .write_all(&frame(17, 5, 1, readings(&[(0, 190, -1)])))
+        .await
+        .unwrap();
+    // The 300 readings before (the subscriber was not read meanwhile), then this one.
+    loop {
+        if next_publish(&mut events).await.1 == "19.0" {
+            break;
+        }
+    }
+    assert_eq!(next_ack(&mut pty.master).await.of.seq, 1);
+    s.gw.shutdown().await;
+}

@@ -833,13 +833,17 @@ impl Router {
             if msg.payload.is_empty() {
                 self.retained.remove(&msg.topic);
             } else {
-                self.retained.insert(
-                    msg.topic.clone(),
-                    Retained {
-                        msg: msg.clone(),
-                        qos,
-                    },
-                );
+                let retained = Retained {
+                    msg: msg.clone(),
+                    qos,
+                };
+                // A sensor republishes the same topics: replace without a new key.
+                match self.retained.get_mut(&msg.topic) {
+                    Some(r) => *r = retained,
+                    None => {
+                        self.retained.insert(msg.topic.clone(), retained);
+                    }
+                }
             }
             self.stats
                 .retained
@@ -892,7 +896,11 @@ impl Router {
         if !self.internal.is_empty() {
             self.internal.retain(|(_, tx)| !tx.is_closed());
             for (filter, tx) in &self.internal {
-                if topic::matches(filter, &msg.topic) {
+                // Most topics differ from a filter before its first wildcard.
+                let literal = filter
+                    .find(['+', '#'])
+                    .map_or(filter.as_str(), |i| &filter[..i]);
+                if msg.topic.starts_with(literal) && topic::matches(filter, &msg.topic) {
                     let m = InternalMessage {
                         topic: msg.topic.clone(),
                         payload: msg.payload.clone(),

@@ -8,9 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io;
+
 use tokio::sync::{mpsc, watch};
-use tokio_serial::SerialPortBuilderExt;
+
+pub use link::Clock;
+use link::{Input, Link};
+
+mod link;
 
 use crate::config::PortConfig;
 use crate::decode::{
@@ -45,6 +50,10 @@ pub struct PortStats {
     pub errors_undecodable: AtomicU64,
     pub duplicates: AtomicU64,
     pub last_frame_ms: AtomicU64,
+    /// Read on the tick of busy ports rather than as each byte arrives (see `link.rs`).
+    pub polled: AtomicBool,
+    /// How often the port became busy.
+    pub busy_periods: AtomicU64,
     /// Counts successful opens; await `subscribe().changed()` to learn the port (re)opened.
     pub opened: watch::Sender<u64>,
 }
@@ -94,7 +103,7 @@ pub struct Port {
 
 impl Port {
     /// Starts reading `config`'s device; observations go to `inbound`.
-    pub fn spawn(config: PortConfig, inbound: mpsc::Sender<Inbound>) -> Port {
+    pub fn spawn(config: PortConfig, inbound: mpsc::Sender<Inbound>, clock: &Clock) -> Port {
         let (stop_tx, stop) = watch::channel(false);
         let stats = Arc::new(PortStats::default());
         let (downlink, rx) = mpsc::channel(DOWNLINK_QUEUE);
@@ -105,6 +114,7 @@ impl Port {
             downlink.clone(),
             rx,
             stop,
+            clock.clone(),
         ));
         Port {
             config,
@@ -145,6 +155,7 @@ async fn run(
     reply: mpsc::Sender<Downlink>,
     mut downlink: mpsc::Receiver<Downlink>,
     mut stop: watch::Receiver<bool>,
+    clock: Clock,
 ) {
     let name: Arc<str> = Arc::from(config.name.as_str());
     let mut backoff = BACKOFF_START;
@@ -153,10 +164,12 @@ async fn run(
         if *stop.borrow() {
             return;
         }
-        let stream =
-            tokio_serial::new(config.path.to_string_lossy(), config.baud).open_native_async();
-        let mut stream = match stream {
-            Ok(s) => s,
+        let builder = tokio_serial::new(config.path.to_string_lossy(), config.baud);
+        let link = mio_serial::SerialStream::open(&builder)
+            .map_err(io::Error::from)
+            .and_then(|s| Link::new(s, clock.clone()));
+        let mut link = match link {
+            Ok(l) => l,
             Err(e) => {
                 if !reported_failure {
                     tracing::warn!(port = %name, path = %config.path.display(), "cannot open the port: {e}; retrying with backoff up to {BACKOFF_MAX:?}");
@@ -184,9 +197,15 @@ async fn run(
         let mut buf = vec![0u8; 4096];
         let mut outcomes = Vec::new();
         let ended = loop {
+            // Acknowledgements and commands first (a node waits for them, and they bound the
+            // queue), all that are waiting in one write; then stopping; then reading.
+            while let Ok(out) = downlink.try_recv() {
+                queue_downlink(&name, decoder.as_ref(), &mut link, out);
+            }
+            if let Err(e) = link.flush() {
+                break e.to_string();
+            }
             tokio::select! {
-                // Stopping first, then acknowledgements (a node waits for them, and they
-                // bound the queue), then reading.
                 biased;
                 _ = stop.changed() => {
                     decoder.finish(&mut outcomes);
@@ -194,29 +213,22 @@ async fn run(
                     stats.open.store(false, Relaxed);
                     return;
                 }
-                out = downlink.recv() => {
+                // A polled port picks its downlink up on its tick, with its input.
+                out = downlink.recv(), if !link.is_polled() => {
                     let Some(out) = out else { return };
-                    let bytes = match out {
-                        Downlink::Ack { node, frame } => decoder.ack(&node, frame),
-                        Downlink::Command { node, id, command } => {
-                            let bytes = decoder.command(&node, id, command);
-                            if bytes.is_none() {
-                                tracing::warn!(port = %name, %node, "this port's protocol cannot carry commands");
-                            }
-                            bytes
-                        }
-                        Downlink::Raw(b) => Some(b),
-                    };
-                    if let Some(bytes) = bytes {
-                        if let Err(e) = stream.write_all(&bytes).await {
-                            break e.to_string();
+                    queue_downlink(&name, decoder.as_ref(), &mut link, out);
+                }
+                read = link.read(&mut buf) => {
+                    let polled = link.is_polled();
+                    if polled != stats.polled.load(Relaxed) {
+                        stats.polled.store(polled, Relaxed);
+                        if polled {
+                            stats.busy_periods.fetch_add(1, Relaxed);
                         }
                     }
-                }
-                read = stream.read(&mut buf) => {
                     let n = match read {
-                        Ok(0) => break "end of stream".to_string(),
-                        Ok(n) => n,
+                        Ok(Input::Data(n)) => n,
+                        Ok(Input::Nothing) => continue,
                         Err(e) => break e.to_string(),
                     };
                     stats.bytes.fetch_add(n as u64, Relaxed);
@@ -227,6 +239,7 @@ async fn run(
                 }
             }
         };
+        stats.polled.store(false, Relaxed);
         decoder.finish(&mut outcomes);
         if !forward(&name, &mut outcomes, &stats, &inbound, &reply, &mut limiter).await {
             return;
@@ -240,6 +253,31 @@ async fn run(
     }
 }
 
+/// Encodes an acknowledgement or command for the port's protocol and queues it on the link.
+fn queue_downlink(port: &str, decoder: &dyn Decoder, link: &mut Link, out: Downlink) {
+    let bytes = match out {
+        Downlink::Ack { node, frame } => decoder.ack(&node, frame),
+        Downlink::Command { node, id, command } => {
+            let bytes = decoder.command(&node, id, command);
+            if bytes.is_none() {
+                tracing::warn!(port, %node, "this port's protocol cannot carry commands");
+            }
+            bytes
+        }
+        Downlink::Raw(b) => Some(b),
+    };
+    if let Some(bytes) = bytes {
+        if !link.queue(&bytes) {
+            tracing::warn!(
+                port,
+                "the device has not taken {} KiB of acknowledgements and commands; discarding {} bytes (they are repeated)",
+                link::MAX_PENDING_OUT / 1024,
+                bytes.len()
+            );
+        }
+    }
+}
+
 /// Counts outcomes and sends observations on; false when the pipeline is gone.
 async fn forward(
     port: &Arc<str>,
@@ -249,6 +287,11 @@ async fn forward(
     reply: &mpsc::Sender<Downlink>,
     limiter: &mut LogLimiter,
 ) -> bool {
+    // One clock read for the frames of one read.
+    let now = outcomes
+        .iter()
+        .any(|o| matches!(o, Decoded::Observation { .. }))
+        .then(now_ms);
     for outcome in outcomes.drain(..) {
         stats
             .bytes_accounted
@@ -256,7 +299,7 @@ async fn forward(
         match outcome {
             Decoded::Observation { obs, .. } => {
                 stats.frames.fetch_add(1, Relaxed);
-                stats.last_frame_ms.store(now_ms(), Relaxed);
+                stats.last_frame_ms.store(now.unwrap_or_default(), Relaxed);
                 let msg = Inbound {
                     port: port.clone(),
                     obs,

@@ -145,10 +145,10 @@ impl Mapping {
             None => self.default.as_ref()?,
         };
         let meta = self.nodes.get(node);
-        let quantity = reading
-            .quantity
-            .clone()
-            .unwrap_or_else(|| format!("channel{}", reading.channel));
+        let quantity = match &reading.quantity {
+            Some(q) => std::borrow::Cow::Borrowed(q.as_str()),
+            None => std::borrow::Cow::Owned(format!("channel{}", reading.channel)),
+        };
         let ctx = template::Context {
             gateway: &self.gateway,
             port,
@@ -204,6 +204,9 @@ pub fn format_number(value: f64, decimals: Option<u8>) -> String {
     }
     match decimals {
         Some(d) => {
+            if let Some(s) = format_fixed_exact(value, d) {
+                return s;
+            }
             let s = format!("{value:.prec$}", prec = usize::from(d));
             // "-0.0" reads badly on a dashboard.
             if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
@@ -217,6 +220,41 @@ pub fn format_number(value: f64, decimals: Option<u8>) -> String {
             if s == "-0" { "0".into() } else { s }
         }
     }
+}
+
+/// The common case of [`format_number`] without float formatting: a value that is an integer
+/// count of 10^-`decimals` (as sensor readings are: a mantissa and a decimal exponent), written
+/// from that integer. `None` when the value is not within 1e-6 of such a count, which leaves
+/// the rounding of everything else (ties included) to the float formatter; within it, the
+/// formatter's correctly rounded result is this same integer, so the output is identical.
+fn format_fixed_exact(value: f64, decimals: u8) -> Option<String> {
+    const POW10: [f64; 10] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+    let scale = *POW10.get(usize::from(decimals))?;
+    let scaled = value * scale;
+    let count = scaled.round();
+    if !(count.abs() < 1e15 && (scaled - count).abs() < 1e-6) {
+        return None;
+    }
+    let n = count as i64;
+    let digits = n.unsigned_abs().to_string();
+    let d = usize::from(decimals);
+    let mut s = String::with_capacity(digits.len() + d + 3);
+    if n < 0 {
+        s.push('-');
+    }
+    if d == 0 {
+        s.push_str(&digits);
+    } else if digits.len() > d {
+        let (int, frac) = digits.split_at(digits.len() - d);
+        s.push_str(int);
+        s.push('.');
+        s.push_str(frac);
+    } else {
+        s.push_str("0.");
+        s.extend(std::iter::repeat_n('0', d - digits.len()));
+        s.push_str(&digits);
+    }
+    Some(s)
 }
 
 fn json_string(s: &str) -> String {
@@ -416,5 +454,48 @@ mod tests {
         assert_eq!(format_number(-0.0001, Some(1)), "0.0");
         assert_eq!(format_number(f64::NAN, None), "null");
         assert_eq!(format_number(1e3, None), "1000");
+    }
+
+    #[test]
+    fn the_integer_path_writes_what_the_float_formatter_writes() {
+        // Readings as they come: mantissa × 10^exponent, and transformed values around them.
+        let mut cases = Vec::new();
+        for m in [
+            -100_000i64,
+            -2150,
+            -5,
+            -1,
+            0,
+            1,
+            7,
+            99,
+            2150,
+            101_325,
+            123_456_789,
+        ] {
+            for d in 0..=6u8 {
+                let v = m as f64 / 10f64.powi(i32::from(d));
+                cases.push((v, d));
+                cases.push((v * 1.8 + 32.0, d));
+                cases.push((v + 0.5 / 10f64.powi(i32::from(d)), d));
+            }
+        }
+        cases.extend([
+            (0.125, 2),
+            (2.675, 2),
+            (-0.0, 1),
+            (-0.04, 1),
+            (1e14, 0),
+            (5e-7, 6),
+        ]);
+        for (v, d) in cases {
+            let want = format!("{v:.prec$}", prec = usize::from(d));
+            let want = if want.starts_with('-') && want[1..].chars().all(|c| c == '0' || c == '.') {
+                want[1..].to_string()
+            } else {
+                want
+            };
+            assert_eq!(format_number(v, Some(d)), want, "{v} with {d} decimals");
+        }
     }
 }

@@ -182,6 +182,13 @@ fn push_level_safe(out: &mut String, value: &str) {
         out.push('_');
         return;
     }
+    if !value
+        .bytes()
+        .any(|b| matches!(b, b'/' | b'+' | b'#') || b.is_ascii_control() || b >= 0x80)
+    {
+        out.push_str(value);
+        return;
+    }
     out.extend(value.chars().map(|c| {
         if matches!(c, '/' | '+' | '#') || c.is_control() {
             '_'

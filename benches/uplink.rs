@@ -5,6 +5,7 @@
 //! cargo bench --bench uplink                            # full run: 1,000,000-message backlog
 //! cargo bench --bench uplink -- --quick                 # smoke run: 20,000 messages
 //! SENSORGATE_BENCH_QUICK=1 cargo bench --bench uplink   # the same
+//! SENSORGATE_BENCH_BACKLOG=300000 cargo bench --bench uplink   # another backlog size
 //! ```
 //!
 //! Three figures:
@@ -82,7 +83,7 @@ impl Plan {
     fn from_env_and_args() -> Plan {
         let quick = std::env::args().any(|a| a == "--quick")
             || std::env::var("SENSORGATE_BENCH_QUICK").is_ok_and(|v| v == "1");
-        if quick {
+        let mut plan = if quick {
             Plan {
                 quick,
                 backlog: 20_000,
@@ -94,7 +95,15 @@ impl Plan {
                 backlog: 1_000_000,
                 wear_secs: 10,
             }
+        };
+        if let Some(n) = std::env::var("SENSORGATE_BENCH_BACKLOG")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Whole multiples of the publishers.
+            plan.backlog = n.max(1) / u64::from(LOCAL_PUBLISHERS) * u64::from(LOCAL_PUBLISHERS);
         }
+        plan
     }
 }
 
@@ -111,7 +120,10 @@ fn main() {
 
 struct Results {
     append_rate: f64,
+    /// The mean of `baselines`.
     baseline_rate: f64,
+    /// Before and after the drain.
+    baselines: [f64; 2],
     drain: Drain,
     record_bytes: u64,
     wear: Vec<Wear>,
@@ -169,8 +181,8 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
 
     let mut mosq = Mosquitto::start(root, up_port, n).await?;
     eprintln!("baseline: {n} messages straight to {}", mosq.version);
-    let baseline_rate = baseline(mosq.addr, n).await.context("baseline")?;
-    eprintln!("baseline: {baseline_rate:.0} msg/s");
+    let baseline_before = baseline(mosq.addr, n, 1).await.context("baseline")?;
+    eprintln!("baseline: {baseline_before:.0} msg/s");
 
     let mut sub = Conn::open(mosq.addr, "drain-sub", Some(MOSQ_USER)).await?;
     let status = format!("sensorgate/{GATEWAY_ID}/status");
@@ -197,6 +209,11 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
         out_of_order: got.out_of_order,
     };
     drop(gw);
+    // Again after the drain: the drain is compared with the mean of the two, so a machine
+    // whose load drifts during the run (other work on shared cores) biases neither side.
+    eprintln!("baseline again, after the drain");
+    let baseline_after = baseline(mosq.addr, n, 2).await.context("baseline")?;
+    eprintln!("baseline: {baseline_after:.0} msg/s");
     drop(mosq);
 
     // 3: wear at two rates, with and without the broker's snapshot.
@@ -208,7 +225,8 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
     }
     Ok(Results {
         append_rate,
-        baseline_rate,
+        baseline_rate: (baseline_before + baseline_after) / 2.0,
+        baselines: [baseline_before, baseline_after],
         drain,
         record_bytes,
         wear,
@@ -297,8 +315,10 @@ fn render(plan: &Plan, r: &Results, cores: usize) -> String {
     );
     let _ = writeln!(
         out,
-        "| Baseline: raw client → mosquitto, QoS 1, window {UPSTREAM_INFLIGHT}, {} msgs | {} msg/s | – | – |",
+        "| Baseline: raw client → mosquitto, QoS 1, window {UPSTREAM_INFLIGHT}, {} msgs, mean of before and after the drain ({} and {}) | {} msg/s | – | – |",
         group(n),
+        group(r.baselines[0].round() as u64),
+        group(r.baselines[1].round() as u64),
         group(r.baseline_rate.round() as u64)
     );
     let _ = writeln!(
@@ -860,16 +880,17 @@ async fn publish_local(
 
 /// The baseline: one raw client publishes `n` messages straight to mosquitto with the
 /// gateway's window while a subscriber counts them; messages per second at the subscriber.
-async fn baseline(addr: SocketAddr, n: u64) -> Result<f64> {
-    let mut sub = Conn::open(addr, "baseline-sub", Some(MOSQ_USER)).await?;
-    sub.subscribe(&[("baseline/#", QoS::AtLeastOnce)]).await?;
-    let publisher = Conn::open(addr, "baseline-pub", Some(MOSQ_USER)).await?;
+async fn baseline(addr: SocketAddr, n: u64, round: u32) -> Result<f64> {
+    let mut sub = Conn::open(addr, &format!("baseline-sub-{round}"), Some(MOSQ_USER)).await?;
+    sub.subscribe(&[(&format!("b{round}/#"), QoS::AtLeastOnce)])
+        .await?;
+    let publisher = Conn::open(addr, &format!("baseline-pub-{round}"), Some(MOSQ_USER)).await?;
     let receiver = tokio::spawn(receive(sub, 1, n, None));
     let started = Instant::now();
     // The same topic length as the gateway's upstream topics (`up/bench/0`).
     publish(
         publisher,
-        "baseline/0".into(),
+        format!("b{round}/bench/0"),
         0,
         n,
         usize::from(UPSTREAM_INFLIGHT),

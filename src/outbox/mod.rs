@@ -1040,11 +1040,15 @@ impl Cursor {
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Pending>, OutboxError> {
         let inner = self.inner.clone();
         let after = self.after;
-        let (batch, last) = tokio::task::spawn_blocking(move || {
-            read_batch(&inner, after, max, &mut HashMap::new())
+        let mut files = std::mem::take(&mut self.files);
+        let (read, files) = tokio::task::spawn_blocking(move || {
+            let read = read_batch(&inner, after, max, &mut files);
+            (read, files)
         })
         .await
-        .map_err(|_| OutboxError::WriterGone)??;
+        .map_err(|_| OutboxError::WriterGone)?;
+        self.files = files;
+        let (batch, last) = read?;
         if last.is_some() {
             self.after = last;
         }
@@ -1069,8 +1073,13 @@ impl Cursor {
     }
 }
 
+/// Largest read `read_batch` makes at once: records next to each other in a segment (as a
+/// backlog is) are read together rather than one `pread` each.
+const READ_RUN_BYTES: u64 = 1024 * 1024;
+
 /// Reads the frames of up to `max` pending records after `after`. A frame that no longer
-/// checks out (damaged since open) is dropped and counted, and reading goes on.
+/// checks out (damaged since open) is dropped and counted, and reading goes on. `files` keeps
+/// segments open between calls; those deleted meanwhile are closed.
 fn read_batch(
     inner: &Inner,
     after: Option<u64>,
@@ -1079,6 +1088,7 @@ fn read_batch(
 ) -> Result<(Vec<Pending>, Option<u64>), OutboxError> {
     let entries: Vec<(u64, Entry)> = {
         let s = inner.lock();
+        files.retain(|segment, _| s.seg_live.contains_key(segment));
         let from = after.map_or(0, |a| a + 1);
         s.index
             .range(from..)
@@ -1088,35 +1098,58 @@ fn read_batch(
     };
     let last = entries.last().map(|(id, _)| *id);
     let mut out = Vec::with_capacity(entries.len());
-    for (id, e) in entries {
-        let path = segment_path(&inner.dir, e.segment);
-        let mut buf = vec![0u8; e.len as usize];
-        let read = match files.entry(e.segment) {
+    let mut rest = &entries[..];
+    let mut buf = Vec::new();
+    while let Some((_, first)) = rest.first() {
+        // A run: records that follow each other in one segment.
+        let mut end = first.offset + u64::from(first.len);
+        let mut n = 1;
+        while let Some((_, e)) = rest.get(n) {
+            let e_end = e.offset + u64::from(e.len);
+            if e.segment != first.segment
+                || e.offset != end
+                || e_end - first.offset > READ_RUN_BYTES
+            {
+                break;
+            }
+            end = e_end;
+            n += 1;
+        }
+        let (run, after_run) = rest.split_at(n);
+        rest = after_run;
+        let path = segment_path(&inner.dir, first.segment);
+        buf.resize((end - first.offset) as usize, 0);
+        let read = match files.entry(first.segment) {
             std::collections::hash_map::Entry::Occupied(f) => {
-                f.get().read_exact_at(&mut buf, e.offset)
+                f.get().read_exact_at(&mut buf, first.offset)
             }
             std::collections::hash_map::Entry::Vacant(v) => File::open(&path).and_then(|f| {
-                f.read_exact_at(&mut buf, e.offset)
+                f.read_exact_at(&mut buf, first.offset)
                     .map(|()| v.insert(f))
                     .map(|_| ())
             }),
         };
         if let Err(source) = read {
-            if !inner.lock().index.contains_key(&id) {
-                continue; // removed meanwhile and its segment deleted
+            let s = inner.lock();
+            if run.iter().all(|(id, _)| !s.index.contains_key(id)) {
+                continue; // removed meanwhile and their segment deleted
             }
             return Err(OutboxError::Io { path, source });
         }
-        match format::scan(&buf) {
-            Scan::Frame {
-                body: Body::Data(d),
-                ..
-            } if d.id == id => out.push(pending_from(d, &e)),
-            _ => {
-                tracing::warn!(id, path = %path.display(), "outbox record damaged since open; dropped");
-                let mut s = inner.lock();
-                if s.remove(id, Some(DropReason::Corrupt)) {
-                    s.counters.corrupt_skipped += 1;
+        for (id, e) in run {
+            let at = (e.offset - first.offset) as usize;
+            let frame = &buf[at..at + e.len as usize];
+            match format::scan(frame) {
+                Scan::Frame {
+                    body: Body::Data(d),
+                    ..
+                } if d.id == *id => out.push(pending_from(d, e)),
+                _ => {
+                    tracing::warn!(id, path = %path.display(), "outbox record damaged since open; dropped");
+                    let mut s = inner.lock();
+                    if s.remove(*id, Some(DropReason::Corrupt)) {
+                        s.counters.corrupt_skipped += 1;
+                    }
                 }
             }
         }

@@ -634,3 +634,51 @@ async fn concurrent_producers_share_commits_and_a_cursor_sees_every_record() {
     assert!(outbox.stats().commits < 200, "{:?}", outbox.stats());
     outbox.close().await.unwrap();
 }
+
+#[test]
+fn a_cursor_reads_runs_across_segments_and_skips_a_record_damaged_since_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = OutboxConfig {
+        segment_bytes: 4 * frame_len(1),
+        ..fast_config()
+    };
+    let (outbox, _) = open(dir.path(), config);
+    append_n(&outbox, 1..=12);
+    assert!(segment_files(dir.path()).len() >= 3);
+    let mut cursor = outbox.cursor();
+    let ids = |b: Vec<Pending>| b.into_iter().map(|p| p.id).collect::<Vec<_>>();
+    // Five records: a run in one segment, then the start of the next.
+    assert_eq!(
+        ids(cursor.next_batch_blocking(5).unwrap()),
+        vec![1, 2, 3, 4, 5]
+    );
+
+    // Record 7, ahead of the cursor, is damaged on disk while the outbox runs.
+    let (path, offset, len) = segment_files(dir.path())
+        .into_iter()
+        .map(|n| segment_path(dir.path(), n))
+        .find_map(|path| {
+            frames(&path)
+                .into_iter()
+                .find(|(_, _, b)| matches!(b, Body::Data(d) if d.id == 7))
+                .map(|(offset, len, _)| (path.clone(), offset, len))
+        })
+        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"X", offset + len as u64 - 2).unwrap();
+    drop(f);
+    assert_eq!(
+        ids(cursor.next_batch_blocking(5).unwrap()),
+        vec![6, 8, 9, 10],
+        "the damaged record is dropped, its neighbours in the same read are not"
+    );
+    assert_eq!(outbox.stats().corrupt_skipped, 1);
+
+    // The segments the cursor has open are deleted once acknowledged; reading goes on.
+    for id in [1, 2, 3, 4, 5, 6, 8, 9, 10] {
+        assert!(outbox.ack(id));
+    }
+    outbox.flush().wait().unwrap();
+    assert_eq!(ids(cursor.next_batch_blocking(5).unwrap()), vec![11, 12]);
+    assert!(cursor.next_batch_blocking(5).unwrap().is_empty());
+}

@@ -87,7 +87,7 @@ fn version_and_help_read_well() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("sensorgate "));
     let out = sensorgate().arg("--help").output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["run", "check-config", "passwd"] {
+    for cmd in ["run", "check-config", "passwd", "self-test"] {
         assert!(help.contains(cmd), "{help}");
     }
 }
@@ -151,4 +151,24 @@ fn outbox_of_a_missing_directory_is_a_clear_error() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(66));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/outbox"));
+}
+
+#[test]
+fn self_test_passes_every_check_and_says_so() {
+    let out = sensorgate().arg("self-test").output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in ["wire", "gateway", "mqtt", "durable", "outbox", "restart"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("PASS") && l.contains(check)),
+            "no PASS line for {check}:\n{text}"
+        );
+    }
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(text.contains("6 passed, 0 failed"), "{text}");
 }

@@ -455,6 +455,8 @@ impl Pipeline {
                 ),
                 ("duplicates", s.duplicates.load(Relaxed).to_string()),
                 ("last-frame", s.last_frame_ms.load(Relaxed).to_string()),
+                ("polled", s.polled.load(Relaxed).to_string()),
+                ("busy-periods", s.busy_periods.load(Relaxed).to_string()),
             ];
             for (leaf, value) in values {
                 let _ = self

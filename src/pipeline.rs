@@ -81,21 +81,7 @@ impl Pipeline {
             tokio::select! {
                 msg = inbound.recv() => {
                     let Some(msg) = msg else { break };
-                    if !self.process(msg).await {
-                        break;
-                    }
-                    // Ports deliver a tick's frames together: take what is already waiting
-                    // before looking at the other branches again (bounded, so status and
-                    // commands still get their turn).
-                    let mut more = true;
-                    for _ in 0..INBOUND_BATCH {
-                        let Ok(msg) = inbound.try_recv() else { break };
-                        if !self.process(msg).await {
-                            more = false;
-                            break;
-                        }
-                    }
-                    if !more {
+                    if !self.process_batch(msg, &mut inbound).await {
                         break;
                     }
                 }
@@ -122,6 +108,26 @@ impl Pipeline {
         if self.persist {
             self.registry.save_if_dirty(&self.data_dir);
         }
+    }
+
+    /// `first` and what else is already waiting: ports deliver a tick's frames together.
+    /// Bounded, so status and commands still get their turn. False when the broker stopped.
+    async fn process_batch(
+        &mut self,
+        first: Inbound,
+        inbound: &mut mpsc::Receiver<Inbound>,
+    ) -> bool {
+        let mut msg = first;
+        for _ in 0..INBOUND_BATCH {
+            if !self.process(msg).await {
+                return false;
+            }
+            match inbound.try_recv() {
+                Ok(next) => msg = next,
+                Err(_) => return true,
+            }
+        }
+        self.process(msg).await
     }
 
     /// One observation; false when the broker has stopped.
@@ -455,7 +461,7 @@ impl Pipeline {
                 ),
                 ("duplicates", s.duplicates.load(Relaxed).to_string()),
                 ("last-frame", s.last_frame_ms.load(Relaxed).to_string()),
-                ("polled", s.polled.load(Relaxed).to_string()),
+                ("polled", s.polled.borrow().to_string()),
                 ("busy-periods", s.busy_periods.load(Relaxed).to_string()),
             ];
             for (leaf, value) in values {

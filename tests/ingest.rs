@@ -612,13 +612,10 @@ async fn a_busy_port_is_read_on_the_tick_and_loses_nothing_then_a_lone_frame_sti
         "the flood made the port busy"
     );
     // Quiet again, the port goes back to reading each frame as it arrives.
-    tokio::time::timeout(WAIT, async {
-        while stats.polled.load(std::sync::atomic::Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the port is watched again after a quiet second");
+    tokio::time::timeout(WAIT, stats.polled.subscribe().wait_for(|polled| !polled))
+        .await
+        .expect("the port is watched again after a quiet second")
+        .expect("port running");
     // A lone frame afterwards is read and acknowledged too (the MQTT client sees it after
     // what it was sent of the flood).
     pty.master = rd.unsplit(wr);

@@ -160,7 +160,8 @@ pub struct Router {
     started: Instant,
     matches: Vec<(SessionKey, QoS)>,
     sends: Vec<Send>,
-    internal: Vec<(String, mpsc::Sender<InternalMessage>)>,
+    /// Internal subscribers: filter, length of its part before the first wildcard, channel.
+    internal: Vec<(String, usize, mpsc::Sender<InternalMessage>)>,
     acks: HashMap<ConnId, AckQueue>,
     /// For tasks that report outbox commits back to this router.
     self_tx: Option<mpsc::WeakSender<Command>>,
@@ -389,7 +390,10 @@ impl Router {
                     self.restore_qos2_from_outbox();
                 }
             }
-            Command::SubscribeInternal { filter, tx } => self.internal.push((filter, tx)),
+            Command::SubscribeInternal { filter, tx } => {
+                let literal = filter.find(['+', '#']).unwrap_or(filter.len());
+                self.internal.push((filter, literal, tx));
+            }
             Command::Shutdown { done } => {
                 let _ = done.send(());
             }
@@ -894,13 +898,11 @@ impl Router {
         self.matches = matches;
         self.sends = sends;
         if !self.internal.is_empty() {
-            self.internal.retain(|(_, tx)| !tx.is_closed());
-            for (filter, tx) in &self.internal {
+            self.internal.retain(|(_, _, tx)| !tx.is_closed());
+            for (filter, literal, tx) in &self.internal {
                 // Most topics differ from a filter before its first wildcard.
-                let literal = filter
-                    .find(['+', '#'])
-                    .map_or(filter.as_str(), |i| &filter[..i]);
-                if msg.topic.starts_with(literal) && topic::matches(filter, &msg.topic) {
+                if msg.topic.starts_with(&filter[..*literal]) && topic::matches(filter, &msg.topic)
+                {
                     let m = InternalMessage {
                         topic: msg.topic.clone(),
                         payload: msg.payload.clone(),

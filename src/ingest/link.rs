@@ -44,7 +44,10 @@ pub struct Link {
     out: Vec<u8>,
     /// When the last read returned data.
     last_data: Option<Instant>,
+    /// Polled ticks in a row without input.
     quiet_ticks: u32,
+    /// The last polled read filled half the buffer: read again without waiting for the tick.
+    more_waiting: bool,
 }
 
 enum Io {
@@ -127,6 +130,7 @@ impl Link {
             out: Vec::new(),
             last_data: None,
             quiet_ticks: 0,
+            more_waiting: false,
         })
     }
 
@@ -174,24 +178,18 @@ impl Link {
     pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<Input> {
         match &mut self.io {
             Io::Watched(fd) => {
-                let n = if self.out.is_empty() {
-                    let mut guard = fd.readable_mut().await?;
-                    match guard.try_io(|s| s.get_mut().read(buf)) {
-                        Ok(r) => r?,
-                        Err(_would_block) => return Ok(Input::Nothing),
-                    }
+                let mut guard = if self.out.is_empty() {
+                    fd.readable_mut().await?
                 } else {
                     // Output is waiting for room: retry it on the tick while watching input.
                     tokio::select! {
-                        guard = fd.readable_mut() => {
-                            let mut guard = guard?;
-                            match guard.try_io(|s| s.get_mut().read(buf)) {
-                                Ok(r) => r?,
-                                Err(_would_block) => return Ok(Input::Nothing),
-                            }
-                        }
+                        guard = fd.readable_mut() => guard?,
                         _ = tokio::time::sleep(TICK) => return Ok(Input::Nothing),
                     }
+                };
+                let n = match guard.try_io(|s| s.get_mut().read(buf)) {
+                    Ok(r) => r?,
+                    Err(_would_block) => return Ok(Input::Nothing),
                 };
                 if n == 0 {
                     return Err(end_of_stream());
@@ -209,7 +207,7 @@ impl Link {
             Io::Polled(stream, tick) => {
                 // A well-filled buffer last time means more is waiting: read on without
                 // sleeping (after the caller wrote its acknowledgements).
-                if self.quiet_ticks == u32::MAX {
+                if self.more_waiting {
                     tokio::task::yield_now().await;
                 } else if tick.changed().await.is_err() {
                     return Err(io::Error::other("the gateway is stopping"));
@@ -218,20 +216,18 @@ impl Link {
                     Ok(0) => Err(end_of_stream()),
                     Ok(n) => {
                         self.last_data = Some(Instant::now());
-                        // u32::MAX: "do not sleep before the next read".
+                        self.quiet_ticks = 0;
                         // Half a buffer in one tick is far beyond any UART (115,200 baud
                         // is 115 bytes per tick): a fast USB device or a backlog; read on.
-                        self.quiet_ticks = if n >= buf.len() / 2 { u32::MAX } else { 0 };
+                        self.more_waiting = n >= buf.len() / 2;
                         Ok(Input::Data(n))
                     }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
                             || e.kind() == io::ErrorKind::Interrupted =>
                     {
-                        self.quiet_ticks = match self.quiet_ticks {
-                            u32::MAX => 0,
-                            q => q + 1,
-                        };
+                        self.more_waiting = false;
+                        self.quiet_ticks += 1;
                         if self.quiet_ticks >= QUIET_TICKS {
                             self.switch(false)?;
                         }

@@ -50,8 +50,9 @@ pub struct PortStats {
     pub errors_undecodable: AtomicU64,
     pub duplicates: AtomicU64,
     pub last_frame_ms: AtomicU64,
-    /// Read on the tick of busy ports rather than as each byte arrives (see `link.rs`).
-    pub polled: AtomicBool,
+    /// Read on the tick of busy ports rather than as each byte arrives (see `link.rs`);
+    /// `subscribe()` to await a change.
+    pub polled: watch::Sender<bool>,
     /// How often the port became busy.
     pub busy_periods: AtomicU64,
     /// Counts successful opens; await `subscribe().changed()` to learn the port (re)opened.
@@ -220,11 +221,8 @@ async fn run(
                 }
                 read = link.read(&mut buf) => {
                     let polled = link.is_polled();
-                    if polled != stats.polled.load(Relaxed) {
-                        stats.polled.store(polled, Relaxed);
-                        if polled {
-                            stats.busy_periods.fetch_add(1, Relaxed);
-                        }
+                    if stats.polled.send_if_modified(|p| std::mem::replace(p, polled) != polled) && polled {
+                        stats.busy_periods.fetch_add(1, Relaxed);
                     }
                     let n = match read {
                         Ok(Input::Data(n)) => n,
@@ -239,7 +237,7 @@ async fn run(
                 }
             }
         };
-        stats.polled.store(false, Relaxed);
+        stats.polled.send_replace(false);
         decoder.finish(&mut outcomes);
         if !forward(&name, &mut outcomes, &stats, &inbound, &reply, &mut limiter).await {
             return;
@@ -288,10 +286,7 @@ async fn forward(
     limiter: &mut LogLimiter,
 ) -> bool {
     // One clock read for the frames of one read.
-    let now = outcomes
-        .iter()
-        .any(|o| matches!(o, Decoded::Observation { .. }))
-        .then(now_ms);
+    let mut now = None;
     for outcome in outcomes.drain(..) {
         stats
             .bytes_accounted
@@ -299,7 +294,9 @@ async fn forward(
         match outcome {
             Decoded::Observation { obs, .. } => {
                 stats.frames.fetch_add(1, Relaxed);
-                stats.last_frame_ms.store(now.unwrap_or_default(), Relaxed);
+                stats
+                    .last_frame_ms
+                    .store(*now.get_or_insert_with(now_ms), Relaxed);
                 let msg = Inbound {
                     port: port.clone(),
                     obs,

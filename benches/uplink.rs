@@ -124,10 +124,19 @@ struct Results {
     baseline_rate: f64,
     /// Before and after the drain.
     baselines: [f64; 2],
+    cpu: DrainCpu,
     drain: Drain,
     record_bytes: u64,
     wear: Vec<Wear>,
     filesystem: String,
+}
+
+/// CPU time spent on the backlog's messages: mosquitto over both baseline runs (2 × backlog
+/// messages) and over the drain, and the gateway over the drain (from the gate opening).
+struct DrainCpu {
+    mosquitto_baseline: Duration,
+    mosquitto_drain: Duration,
+    gateway_drain: Duration,
 }
 
 struct Drain {
@@ -181,7 +190,9 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
 
     let mut mosq = Mosquitto::start(root, up_port, n).await?;
     eprintln!("baseline: {n} messages straight to {}", mosq.version);
+    let mosq_cpu0 = cpu_time(mosq.child.id())?;
     let baseline_before = baseline(mosq.addr, n, 1).await.context("baseline")?;
+    let mosq_cpu1 = cpu_time(mosq.child.id())?;
     eprintln!("baseline: {baseline_before:.0} msg/s");
 
     let mut sub = Conn::open(mosq.addr, "drain-sub", Some(MOSQ_USER)).await?;
@@ -195,11 +206,15 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
         per * u64::from(LOCAL_PUBLISHERS),
         Some(status),
     ));
+    let gw_cpu0 = cpu_time(gw.child.id())?;
+    let mosq_cpu2 = cpu_time(mosq.child.id())?;
     let gate = Instant::now();
     mosq.open_gate().await?;
     eprintln!("gate open: draining");
     let got = receiver.await.context("subscriber panicked")??;
     gw.check_alive()?;
+    let gw_cpu1 = cpu_time(gw.child.id())?;
+    let mosq_cpu3 = cpu_time(mosq.child.id())?;
     let online = got
         .online_at
         .ok_or_else(|| anyhow!("the gateway's `online` status never arrived"))?;
@@ -213,6 +228,12 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
     // whose load drifts during the run (other work on shared cores) biases neither side.
     eprintln!("baseline again, after the drain");
     let baseline_after = baseline(mosq.addr, n, 2).await.context("baseline")?;
+    let mosq_cpu4 = cpu_time(mosq.child.id())?;
+    let cpu = DrainCpu {
+        mosquitto_baseline: (mosq_cpu1 - mosq_cpu0) + (mosq_cpu4 - mosq_cpu3),
+        mosquitto_drain: mosq_cpu3 - mosq_cpu2,
+        gateway_drain: gw_cpu1 - gw_cpu0,
+    };
     eprintln!("baseline: {baseline_after:.0} msg/s");
     drop(mosq);
 
@@ -227,6 +248,7 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
         append_rate,
         baseline_rate: (baseline_before + baseline_after) / 2.0,
         baselines: [baseline_before, baseline_after],
+        cpu,
         drain,
         record_bytes,
         wear,
@@ -331,6 +353,18 @@ fn render(plan: &Plan, r: &Results, cores: usize) -> String {
         out,
         "| Drain rate / baseline rate | {ratio:.2} | ≥ {TARGET_DRAIN_RATIO} | {} |",
         pass(ratio >= TARGET_DRAIN_RATIO)
+    );
+    let per_msg = |d: Duration, msgs: u64| d.as_secs_f64() * 1e6 / msgs as f64;
+    let _ = writeln!(
+        out,
+        "| mosquitto CPU per message: drain / baseline (/proc/<pid>/stat) | {:.1} / {:.1} µs | – | – |",
+        per_msg(r.cpu.mosquitto_drain, n),
+        per_msg(r.cpu.mosquitto_baseline, 2 * n)
+    );
+    let _ = writeln!(
+        out,
+        "| gateway CPU per drained message | {:.1} µs | – | – |",
+        per_msg(r.cpu.gateway_drain, n)
     );
     for w in &r.wear {
         let per = w.write_bytes as f64 / w.messages as f64;
@@ -482,6 +516,29 @@ impl LogTail {
 }
 
 /// The gateway binary with a data dir under `target/` (real disk), killed when dropped.
+/// On-CPU time (user + system) of process `pid` so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("malformed {path}"))
+    };
+    // Field 14 is index 11 after the name and state.
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+}
+
 struct Gateway {
     child: Child,
     addr: SocketAddr,

@@ -2,6 +2,7 @@
 //! restarts; a `mosquitto_sub` that records everything arriving there; the gateway as a real
 //! process that can be SIGKILLed and restarted; and the gateway configuration they share.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -189,6 +190,9 @@ pub struct SinkState {
     /// SUBACKs received: one per (re)connection.
     pub subscribed: u32,
     pub exited: bool,
+    /// mosquitto_sub's last lines other than messages (its `-d` log and errors), to say why
+    /// it exited.
+    pub log: VecDeque<String>,
 }
 
 impl SinkState {
@@ -226,6 +230,37 @@ impl Sink {
         filters: &[&str],
         extra: &[&str],
     ) -> Sink {
+        let sink = Sink::spawn_once(addr, id, qos, filters, extra).await;
+        sink.wait("the subscriber's SUBACK", Duration::from_secs(10), |s| {
+            s.subscribed >= 1 || s.exited
+        })
+        .await;
+        let failed = sink.with(|s| s.exited.then(|| s.log.clone()));
+        if let Some(log) = failed {
+            // The harness's own client failing to start is not what any test checks: say
+            // why, and start it once more (a second failure fails the test).
+            eprintln!(
+                "mosquitto_sub exited before its SUBACK; starting it again. It said: {log:?}"
+            );
+            let again = Sink::spawn_once(addr, id, qos, filters, extra).await;
+            again
+                .wait("the subscriber's SUBACK", Duration::from_secs(10), |s| {
+                    s.subscribed >= 1
+                })
+                .await;
+            return again;
+        }
+        sink
+    }
+
+    /// Starts mosquitto_sub and its readers, without waiting for anything.
+    async fn spawn_once(
+        addr: SocketAddr,
+        id: &str,
+        qos: u8,
+        filters: &[&str],
+        extra: &[&str],
+    ) -> Sink {
         let port = addr.port().to_string();
         let fmt = format!("{MSG_PREFIX}%t|%r|%p");
         let qos = qos.to_string();
@@ -239,13 +274,20 @@ impl Sink {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("mosquitto_sub runs");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
         let state = Arc::new(Mutex::new(SinkState::default()));
         let (tx, tick) = watch::channel(0u64);
+        let s = state.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = errors.next_line().await {
+                keep_log(&mut s.lock().unwrap().log, line);
+            }
+        });
         let s = state.clone();
         tokio::spawn(async move {
             loop {
@@ -270,17 +312,13 @@ impl Sink {
                 } else if line.starts_with("Subscribed (mid") {
                     s.lock().unwrap().subscribed += 1;
                 } else {
+                    keep_log(&mut s.lock().unwrap().log, line);
                     continue;
                 }
                 tx.send_modify(|t| *t += 1);
             }
         });
-        let sink = Sink { child, state, tick };
-        sink.wait("the subscriber's SUBACK", Duration::from_secs(10), |s| {
-            s.subscribed >= 1
-        })
-        .await;
-        sink
+        Sink { child, state, tick }
     }
 
     /// Waits (at most `limit`) until the collected state satisfies `ok`.
@@ -294,7 +332,11 @@ impl Sink {
                     if ok(&s) {
                         return;
                     }
-                    assert!(!s.exited, "mosquitto_sub exited while waiting for {what}");
+                    assert!(
+                        !s.exited,
+                        "mosquitto_sub exited while waiting for {what}; its last lines: {:?}",
+                        s.log
+                    );
                 }
                 if tick.changed().await.is_err() {
                     return;
@@ -320,6 +362,13 @@ impl Sink {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+fn keep_log(log: &mut VecDeque<String>, line: String) {
+    if log.len() == 20 {
+        log.pop_front();
+    }
+    log.push_back(line);
 }
 
 /// Counts how often each payload of `topic` arrived: `(missing, duplicates)` against `want`.

@@ -14,6 +14,10 @@
 //!    also the fill of the backlog for (2).
 //! 2. Drain rate of that backlog once the upstream comes back, against a raw client publishing
 //!    the same messages straight to the same mosquitto with the same window.
+//!    Beside the rates it prints what each message cost mosquitto and the gateway (CPU time,
+//!    system calls, sleeps). On loopback the broker's thread pays for every wake-up of the
+//!    peer it writes to; that is what the gateway's `SO_RCVLOWAT` threshold saves
+//!    (`src/uplink/client.rs`).
 //! 3. Bytes written to disk per message (`/proc/<gateway>/io` `write_bytes`) at 10 and 10,000
 //!    msg/s with default settings and the upstream down.
 //!
@@ -134,9 +138,9 @@ struct Results {
 /// CPU time spent on the backlog's messages: mosquitto over both baseline runs (2 × backlog
 /// messages) and over the drain, and the gateway over the drain (from the gate opening).
 struct DrainCpu {
-    mosquitto_baseline: Duration,
-    mosquitto_drain: Duration,
-    gateway_drain: Duration,
+    mosquitto_baseline: Usage,
+    mosquitto_drain: Usage,
+    gateway_drain: Usage,
 }
 
 struct Drain {
@@ -190,9 +194,9 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
 
     let mut mosq = Mosquitto::start(root, up_port, n).await?;
     eprintln!("baseline: {n} messages straight to {}", mosq.version);
-    let mosq_cpu0 = cpu_time(mosq.child.id())?;
+    let mosq_cpu0 = Usage::of(mosq.child.id())?;
     let baseline_before = baseline(mosq.addr, n, 1).await.context("baseline")?;
-    let mosq_cpu1 = cpu_time(mosq.child.id())?;
+    let mosq_cpu1 = Usage::of(mosq.child.id())?;
     eprintln!("baseline: {baseline_before:.0} msg/s");
 
     let mut sub = Conn::open(mosq.addr, "drain-sub", Some(MOSQ_USER)).await?;
@@ -206,15 +210,15 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
         per * u64::from(LOCAL_PUBLISHERS),
         Some(status),
     ));
-    let gw_cpu0 = cpu_time(gw.child.id())?;
-    let mosq_cpu2 = cpu_time(mosq.child.id())?;
+    let gw_cpu0 = Usage::of(gw.child.id())?;
+    let mosq_cpu2 = Usage::of(mosq.child.id())?;
     let gate = Instant::now();
     mosq.open_gate().await?;
     eprintln!("gate open: draining");
     let got = receiver.await.context("subscriber panicked")??;
     gw.check_alive()?;
-    let gw_cpu1 = cpu_time(gw.child.id())?;
-    let mosq_cpu3 = cpu_time(mosq.child.id())?;
+    let gw_cpu1 = Usage::of(gw.child.id())?;
+    let mosq_cpu3 = Usage::of(mosq.child.id())?;
     let online = got
         .online_at
         .ok_or_else(|| anyhow!("the gateway's `online` status never arrived"))?;
@@ -228,7 +232,7 @@ async fn measure_all(plan: &Plan, root: &Path) -> Result<Results> {
     // whose load drifts during the run (other work on shared cores) biases neither side.
     eprintln!("baseline again, after the drain");
     let baseline_after = baseline(mosq.addr, n, 2).await.context("baseline")?;
-    let mosq_cpu4 = cpu_time(mosq.child.id())?;
+    let mosq_cpu4 = Usage::of(mosq.child.id())?;
     let cpu = DrainCpu {
         mosquitto_baseline: (mosq_cpu1 - mosq_cpu0) + (mosq_cpu4 - mosq_cpu3),
         mosquitto_drain: mosq_cpu3 - mosq_cpu2,
@@ -354,17 +358,20 @@ fn render(plan: &Plan, r: &Results, cores: usize) -> String {
         "| Drain rate / baseline rate | {ratio:.2} | ≥ {TARGET_DRAIN_RATIO} | {} |",
         pass(ratio >= TARGET_DRAIN_RATIO)
     );
-    let per_msg = |d: Duration, msgs: u64| d.as_secs_f64() * 1e6 / msgs as f64;
     let _ = writeln!(
         out,
-        "| mosquitto CPU per message: drain / baseline (/proc/<pid>/stat) | {:.1} / {:.1} µs | – | – |",
-        per_msg(r.cpu.mosquitto_drain, n),
-        per_msg(r.cpu.mosquitto_baseline, 2 * n)
+        "| mosquitto per message, baseline (`/proc/<pid>`; sleeps: voluntary context switches) | {} | – | – |",
+        r.cpu.mosquitto_baseline.per_msg(2 * n, true)
     );
     let _ = writeln!(
         out,
-        "| gateway CPU per drained message | {:.1} µs | – | – |",
-        per_msg(r.cpu.gateway_drain, n)
+        "| mosquitto per message, drain | {} | – | – |",
+        r.cpu.mosquitto_drain.per_msg(n, true)
+    );
+    let _ = writeln!(
+        out,
+        "| gateway per drained message | {} | – | – |",
+        r.cpu.gateway_drain.per_msg(n, false)
     );
     for w in &r.wear {
         let per = w.write_bytes as f64 / w.messages as f64;
@@ -516,27 +523,116 @@ impl LogTail {
 }
 
 /// The gateway binary with a data dir under `target/` (real disk), killed when dropped.
-/// On-CPU time (user + system) of process `pid` so far, from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("malformed {path}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("malformed {path}"))
-    };
-    // Field 14 is index 11 after the name and state.
-    let total = ticks(11)? + ticks(12)?;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+/// What a process has spent so far: on-CPU time (user + system) from `/proc/<pid>/stat`, read
+/// and write system calls from `/proc/<pid>/io`, context switches from `/proc/<pid>/status`.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu: Duration,
+    reads: u64,
+    writes: u64,
+    /// Voluntary context switches: each is a sleep in `epoll_wait` (or a blocking call).
+    sleeps: u64,
+}
+
+impl Usage {
+    fn of(pid: u32) -> Result<Usage> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow!("malformed {path}"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            fields
+                .get(i)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| anyhow!("malformed {path}"))
+        };
+        // Field 14 is index 11 after the name and state.
+        let total = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let field = |file: &str, key: &str| -> Result<u64> {
+            let path = format!("/proc/{pid}/{file}");
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| anyhow!("no {key} in {path}"))
+        };
+        Ok(Usage {
+            cpu: Duration::from_nanos(total * 1_000_000_000 / hz),
+            reads: field("io", "syscr:")?,
+            writes: field("io", "syscw:")?,
+            sleeps: sleeps(pid)?,
+        })
+    }
+
+    /// Per message: CPU time, `read(2)`/`write(2)` calls (mosquitto's; the gateway's sockets
+    /// use `recv`/`send`, which `/proc/<pid>/io` does not count) and sleeps.
+    fn per_msg(&self, msgs: u64, calls: bool) -> String {
+        let n = msgs.max(1) as f64;
+        let calls = if calls {
+            format!(
+                "{:.2} read(2), {:.2} write(2), ",
+                self.reads as f64 / n,
+                self.writes as f64 / n
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "{:.1} µs CPU, {calls}{:.3} sleeps",
+            self.cpu.as_secs_f64() * 1e6 / n,
+            self.sleeps as f64 / n
+        )
+    }
+}
+
+/// Voluntary context switches summed over the threads of `pid`.
+fn sleeps(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("cannot read {dir}"))? {
+        let path = task?.path().join("status");
+        // A thread can end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, o: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(o.cpu),
+            reads: self.reads.saturating_sub(o.reads),
+            writes: self.writes.saturating_sub(o.writes),
+            sleeps: self.sleeps.saturating_sub(o.sleeps),
+        }
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, o: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu + o.cpu,
+            reads: self.reads + o.reads,
+            writes: self.writes + o.writes,
+            sleeps: self.sleeps + o.sleeps,
+        }
+    }
 }
 
 struct Gateway {

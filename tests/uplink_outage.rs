@@ -402,3 +402,78 @@ qos = 1
     );
     gw.shutdown().await;
 }
+
+/// While PUBLISHes are unacknowledged the gateway's reader waits for a run of their
+/// acknowledgements, not for each (`SO_RCVLOWAT`, see `Connection::wake_after`). A packet
+/// shorter than that run, with no acknowledgement after it, must still be read promptly.
+/// No broker can be told to withhold PUBACKs, so the upstream here is a hand-written peer on
+/// a real socket: it answers CONNECT and SUBSCRIBE, takes 16 PUBLISHes, acknowledges none,
+/// then sends a 13-byte command where the gateway waits for 32 bytes of PUBACKs.
+#[tokio::test]
+async fn a_command_is_not_held_back_behind_acknowledgements_still_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let text = format!(
+        r#"
+data-dir = {:?}
+gateway-id = "gw1"
+[[broker.listener]]
+bind = "127.0.0.1:0"
+[upstream]
+url = "mqtt://{up_addr}"
+inflight = 64
+keep-alive = "60s"
+[[upstream.out]]
+filter = "sensors/#"
+remote-prefix = "site/"
+qos = 1
+[[upstream.in]]
+filter = "cmd/{{gateway}}/#"
+remote-prefix = "cmd/{{gateway}}/"
+local-prefix = "local/cmd/"
+qos = 0
+[outbox]
+commit-delay = "5ms"
+"#,
+        dir.path().join("data").display().to_string()
+    );
+    let gw = start_gateway(&text).await;
+    let (socket, _) = common::within("the gateway connecting upstream", listener.accept())
+        .await
+        .unwrap();
+    let mut up = Raw::over(socket);
+    up.recv_kind(wire::CONNECT).await;
+    up.send(&wire::packet(wire::CONNACK << 4, &[0, 0])).await;
+    let local = gw.local_addrs()[0];
+    let (mut c, _) = Raw::connect(local, "listener", true).await;
+    c.subscribe(1, &[("local/#", 0)]).await;
+    for i in 0..16u16 {
+        c.publish_acked("sensors/t", format!("{i}").as_bytes(), 1, i + 2)
+            .await;
+    }
+    let mut unacknowledged = 0;
+    while unacknowledged < 16 {
+        let p = up.recv().await;
+        match p.kind() {
+            wire::SUBSCRIBE => {
+                let mut suback = p.body[..2].to_vec();
+                suback.push(0);
+                up.send(&wire::packet(wire::SUBACK << 4, &suback)).await;
+            }
+            wire::PUBLISH if p.publish().topic == "site/sensors/t" => unacknowledged += 1,
+            wire::PUBLISH => {}
+            other => panic!("unexpected packet type {other} from the gateway: {p:?}"),
+        }
+    }
+    let command = wire::publish("cmd/gw1/a", b"", 0, false, 0);
+    assert_eq!(command.len(), 13);
+    up.send(&command).await;
+    let m = c.recv_publish().await;
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_slice()),
+        ("local/cmd/a", &b""[..]),
+        "the command reaches the local subscriber while 16 PUBACKs are still due"
+    );
+    gw.shutdown().await;
+}

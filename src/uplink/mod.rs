@@ -37,6 +37,11 @@ pub use rules::Forward;
 const READ_BATCH: usize = 1024;
 /// QoS 0 messages waiting for the link when they are not stored (`store-qos0 = false`).
 pub const LIVE_QUEUE: usize = 1024;
+/// The size of a PUBACK, PUBREC or PUBCOMP.
+const ACK_BYTES: usize = 4;
+/// How long a PINGRESP or an incoming command can wait behind a run of acknowledgements still
+/// on its way (see `Connection::wake_after`).
+const NUDGE: Duration = Duration::from_millis(20);
 /// Packet ids the uplink keeps for itself (subscriptions); records use the rest.
 const SUBSCRIBE_PKID: u16 = u16::MAX - 1;
 
@@ -223,6 +228,9 @@ impl Uplink {
         let rate = self.config.drain_rate;
         let mut tokens = f64::from(rate.unwrap_or(0));
         let mut refilled = Instant::now();
+        let mut nudge = tokio::time::interval(NUDGE);
+        nudge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nudged = false;
         loop {
             // Fill the window from the outbox, in log order: once an eighth of it is free
             // (or nothing is in flight), so that acknowledgements and publishes travel in runs
@@ -307,6 +315,19 @@ impl Uplink {
             // No flush here: `recv` flushes before it waits for the network, so publishes made
             // for a run of buffered acks leave in one write rather than one segment each.
 
+            // Acknowledgements certainly coming: one per record in flight, except those whose
+            // PUBREC is being committed (their PUBCOMP waits for our PUBREL). Wake for a run
+            // of them, not for each; `nudge` drops the threshold now and then so a lone
+            // PINGRESP or command is never held back for long.
+            let coming = inflight.len().saturating_sub(releasing.len());
+            let run = (capacity / 8).max(1);
+            conn.wake_after(if nudged {
+                1
+            } else {
+                ACK_BYTES * coming.min(run)
+            });
+            nudged = false;
+
             let throttled = rate.is_some() && tokens < 1.0;
             tokio::select! {
                 packet = conn.recv() => {
@@ -385,6 +406,7 @@ impl Uplink {
                         return Ended::Lost(e.to_string());
                     }
                 }
+                _ = nudge.tick(), if conn.waits_for_a_run() => nudged = true,
                 _ = ping.tick() => {
                     if last_heard.elapsed() > keep_alive * 3 / 2 + keep_alive {
                         return Ended::Lost("no answer to keep-alive pings".into());

@@ -445,6 +445,11 @@ impl Raw {
         let stream = within("TCP connect", TcpStream::connect(addr))
             .await
             .expect("TCP connect");
+        Raw::over(stream)
+    }
+
+    /// Over a connected socket: either end, so a test can also play the server side.
+    pub fn over(stream: TcpStream) -> Raw {
         stream.set_nodelay(true).ok();
         Raw {
             stream,

@@ -321,11 +321,16 @@ impl Uplink {
             // PINGRESP or command is never held back for long.
             let coming = inflight.len().saturating_sub(releasing.len());
             let run = (capacity / 8).max(1);
-            conn.wake_after(if nudged {
+            let threshold = if nudged {
                 1
             } else {
                 ACK_BYTES * coming.min(run)
-            });
+            };
+            if threshold > 1 && !conn.waits_for_a_run() {
+                // A whole period before the first nudge, not the tick missed while idle.
+                nudge.reset();
+            }
+            conn.wake_after(threshold);
             nudged = false;
 
             let throttled = rate.is_some() && tokens < 1.0;

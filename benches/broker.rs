@@ -14,14 +14,17 @@
 //! so that the client side is not the bottleneck; they still share the machine's cores with the
 //! brokers, which the report says.
 
+mod common;
+
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Bytes, BytesMut};
+use common::{free_port, group, mosquitto_exe, mosquitto_version};
 use sensorgate::broker::codec::{
     ConnAck, Connect, ConnectReturnCode, Packet, ProtocolLevel, Publish, QoS, SubAckCode,
     Subscribe, decode, encode, encode_publish_head,
@@ -111,13 +114,7 @@ impl Plan {
 
 fn main() {
     let plan = Plan::from_env_and_args();
-    match run(&plan) {
-        Ok(report) => print!("{report}"),
-        Err(e) => {
-            eprintln!("broker bench failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    common::report("broker", || run(&plan));
 }
 
 /// Starts both brokers, runs every case against each and returns the Markdown report.
@@ -443,18 +440,6 @@ fn number(v: f64) -> String {
     }
 }
 
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Broker processes
 
@@ -610,25 +595,7 @@ impl BrokerProcess {
 impl BrokerProcess {
     /// User plus system CPU time of the broker so far, all threads, at clock-tick resolution.
     fn cpu_time(&self) -> Result<Duration> {
-        let path = format!("/proc/{}/stat", self.child.id());
-        let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        // Fields after the parenthesised command name, which may itself contain spaces.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .ok_or_else(|| anyhow!("malformed {path}"))?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse().ok())
-                .ok_or_else(|| anyhow!("malformed {path}"))
-        };
-        // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-        let total = ticks(11)? + ticks(12)?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+        common::cpu_time(self.child.id())
     }
 }
 
@@ -637,43 +604,6 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
-fn mosquitto_exe() -> Result<PathBuf> {
-    let candidates = [
-        Path::new("/usr/sbin/mosquitto"),
-        Path::new("/usr/local/sbin/mosquitto"),
-    ];
-    if let Some(p) = candidates.iter().find(|p| p.exists()) {
-        return Ok(p.to_path_buf());
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("mosquitto"))
-                .find(|p| p.exists())
-        })
-        .ok_or_else(|| anyhow!("mosquitto not found: apt-get install -y mosquitto"))
-}
-
-fn mosquitto_version(exe: &Path) -> String {
-    Command::new(exe)
-        .arg("-h")
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            text.lines()
-                .next()
-                .and_then(|l| l.strip_prefix("mosquitto version "))
-                .map(|v| format!("mosquitto {}", v.trim()))
-        })
-        .unwrap_or_else(|| "mosquitto".into())
 }
 
 /// Raises this process's open-file limit (inherited by the brokers) to the hard limit.

@@ -17,12 +17,15 @@
 //! per report; a frame counts once the gateway's acknowledgement for it is back at the pty,
 //! which the gateway sends after both readings were published into the broker.
 
+mod common;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use common::group;
 use sensorgate_wire as wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::runtime::Runtime;
@@ -88,13 +91,7 @@ impl Plan {
 
 fn main() {
     let plan = Plan::from_env_and_args();
-    match run(&plan) {
-        Ok(report) => print!("{report}"),
-        Err(e) => {
-            eprintln!("ingest bench failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    common::report("ingest", || run(&plan));
 }
 
 struct Measured {
@@ -216,18 +213,6 @@ fn render(plan: &Plan, cores: usize, t: &Measured, p: &Measured) -> String {
          Command: `cargo bench --bench ingest{}`",
         if plan.quick { " -- --quick" } else { "" }
     );
-    out
-}
-
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
     out
 }
 

@@ -2,12 +2,15 @@
 //! message (from `/proc/self/io` `write_bytes`, which is 0 on tmpfs, so it runs under
 //! `target/`). Run with `cargo bench --bench outbox`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::filesystem;
 use sensorgate::outbox::{Outbox, OutboxConfig, Qos, Record};
 
 const PAYLOAD: usize = 100;
@@ -28,26 +31,6 @@ fn write_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// The filesystem type of the mount that holds `dir`, from `/proc/self/mountinfo`.
-fn filesystem(dir: &Path) -> String {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(mount) = fields.get(4) else { continue };
-        let Some(dash) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let fstype = fields.get(dash + 1).unwrap_or(&"?");
-        let source = fields.get(dash + 2).unwrap_or(&"?");
-        if dir.starts_with(mount) && best.as_ref().is_none_or(|(len, _)| mount.len() >= *len) {
-            best = Some((mount.len(), format!("{fstype} ({source} on {mount})")));
-        }
-    }
-    best.map_or_else(|| "unknown".into(), |(_, s)| s)
 }
 
 fn fresh_dir(root: &Path, name: &str) -> PathBuf {

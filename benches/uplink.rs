@@ -27,10 +27,12 @@
 //! before the gateway's first PUBLISH, which a fresh mosquitto on the gateway's port could not
 //! guarantee. While the outbox fills, the upstream port is closed (nothing listens).
 
+mod common;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::BufRead;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Bytes, BytesMut};
+use common::{Usage, filesystem, free_port, group, mosquitto_exe, mosquitto_version, proc_field};
 use sensorgate::broker::codec::{
     ConnAck, Connect, ConnectReturnCode, Packet, ProtocolLevel, Publish, QoS, SubAckCode,
     Subscribe, decode, encode, encode_publish_head,
@@ -113,13 +116,7 @@ impl Plan {
 
 fn main() {
     let plan = Plan::from_env_and_args();
-    match run(&plan) {
-        Ok(report) => print!("{report}"),
-        Err(e) => {
-            eprintln!("uplink bench failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    common::report("uplink", || run(&plan));
 }
 
 struct Results {
@@ -423,45 +420,8 @@ fn render(plan: &Plan, r: &Results, cores: usize) -> String {
     out
 }
 
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The filesystem type of the mount that holds `dir`, from `/proc/self/mountinfo`.
-fn filesystem(dir: &Path) -> String {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(mount) = fields.get(4) else { continue };
-        let Some(dash) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let fstype = fields.get(dash + 1).unwrap_or(&"?");
-        let source = fields.get(dash + 2).unwrap_or(&"?");
-        if dir.starts_with(mount) && best.as_ref().is_none_or(|(len, _)| mount.len() >= *len) {
-            best = Some((mount.len(), format!("{fstype} ({source} on {mount})")));
-        }
-    }
-    best.map_or_else(|| "unknown".into(), |(_, s)| s)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Child processes
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(l.local_addr()?.port())
-}
 
 /// Collects a child's stderr: the last lines for error messages, and every line for waiters.
 struct LogTail {
@@ -518,119 +478,6 @@ impl LogTail {
                 "{who} did not log {needle:?} within {IO_TIMEOUT:?}; its output:\n{}",
                 self.tail()
             ),
-        }
-    }
-}
-
-/// The gateway binary with a data dir under `target/` (real disk), killed when dropped.
-/// What a process has spent so far: on-CPU time (user + system) from `/proc/<pid>/stat`, read
-/// and write system calls from `/proc/<pid>/io`, context switches from `/proc/<pid>/status`.
-#[derive(Clone, Copy, Default)]
-struct Usage {
-    cpu: Duration,
-    reads: u64,
-    writes: u64,
-    /// Voluntary context switches: each is a sleep in `epoll_wait` (or a blocking call).
-    sleeps: u64,
-}
-
-impl Usage {
-    fn of(pid: u32) -> Result<Usage> {
-        let path = format!("/proc/{pid}/stat");
-        let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .ok_or_else(|| anyhow!("malformed {path}"))?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| anyhow!("malformed {path}"))
-        };
-        // Field 14 is index 11 after the name and state.
-        let total = ticks(11)? + ticks(12)?;
-        // SAFETY: sysconf only reads a configuration value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let field = |file: &str, key: &str| -> Result<u64> {
-            let path = format!("/proc/{pid}/{file}");
-            let text =
-                std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| anyhow!("no {key} in {path}"))
-        };
-        Ok(Usage {
-            cpu: Duration::from_nanos(total * 1_000_000_000 / hz),
-            reads: field("io", "syscr:")?,
-            writes: field("io", "syscw:")?,
-            sleeps: sleeps(pid)?,
-        })
-    }
-
-    /// Per message: CPU time, `read(2)`/`write(2)` calls (mosquitto's; the gateway's sockets
-    /// use `recv`/`send`, which `/proc/<pid>/io` does not count) and sleeps.
-    fn per_msg(&self, msgs: u64, calls: bool) -> String {
-        let n = msgs.max(1) as f64;
-        let calls = if calls {
-            format!(
-                "{:.2} read(2), {:.2} write(2), ",
-                self.reads as f64 / n,
-                self.writes as f64 / n
-            )
-        } else {
-            String::new()
-        };
-        format!(
-            "{:.1} µs CPU, {calls}{:.3} sleeps",
-            self.cpu.as_secs_f64() * 1e6 / n,
-            self.sleeps as f64 / n
-        )
-    }
-}
-
-/// Voluntary context switches summed over the threads of `pid`.
-fn sleeps(pid: u32) -> Result<u64> {
-    let dir = format!("/proc/{pid}/task");
-    let mut total = 0;
-    for task in std::fs::read_dir(&dir).with_context(|| format!("cannot read {dir}"))? {
-        let path = task?.path().join("status");
-        // A thread can end between the listing and the read.
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        total += text
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
-}
-
-impl std::ops::Sub for Usage {
-    type Output = Usage;
-    fn sub(self, o: Usage) -> Usage {
-        Usage {
-            cpu: self.cpu.saturating_sub(o.cpu),
-            reads: self.reads.saturating_sub(o.reads),
-            writes: self.writes.saturating_sub(o.writes),
-            sleeps: self.sleeps.saturating_sub(o.sleeps),
-        }
-    }
-}
-
-impl std::ops::Add for Usage {
-    type Output = Usage;
-    fn add(self, o: Usage) -> Usage {
-        Usage {
-            cpu: self.cpu + o.cpu,
-            reads: self.reads + o.reads,
-            writes: self.writes + o.writes,
-            sleeps: self.sleeps + o.sleeps,
         }
     }
 }
@@ -697,12 +544,7 @@ impl Gateway {
     }
 
     fn write_bytes(&self) -> Result<u64> {
-        let path = format!("/proc/{}/io", self.child.id());
-        let io = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        io.lines()
-            .find_map(|l| l.strip_prefix("write_bytes:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("no write_bytes in {path}"))
+        proc_field(self.child.id(), "io", "write_bytes:")
     }
 }
 
@@ -749,22 +591,8 @@ impl Mosquitto {
             messages * 2 + 1000
         );
         std::fs::write(&config, &text)?;
-        let exe = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or_else(|| anyhow!("mosquitto not found: apt-get install -y mosquitto"))?;
-        let version = Command::new(exe)
-            .arg("-h")
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .and_then(|l| l.strip_prefix("mosquitto version "))
-                    .map(|v| format!("mosquitto {}", v.trim()))
-            })
-            .unwrap_or_else(|| "mosquitto".into());
+        let exe = mosquitto_exe()?;
+        let version = mosquitto_version(&exe);
         let mut child = Command::new(exe)
             .arg("-c")
             .arg(&config)

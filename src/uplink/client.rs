@@ -172,8 +172,9 @@ impl Connection {
     /// Lets the kernel wake this connection's reader only once `bytes` are waiting
     /// (`SO_RCVLOWAT`), or at once if they already are. While a backlog drains, every
     /// acknowledgement arriving on its own would wake the gateway, and each of those wake-ups is
-    /// work for the upstream broker's thread that sends it; waiting for a run of them halves
-    /// the broker's cost per message on loopback (`cargo bench --bench uplink`). The caller asks
+    /// work for the upstream broker's thread that sends it; waiting for a run of them took
+    /// mosquitto's cost per drained message on loopback from 40.7 to 33.3 µs and the gateway's
+    /// from 19.1 to 6.9 µs (`cargo bench --bench uplink`). The caller asks
     /// only for bytes it knows are coming (4 per outstanding acknowledgement) and drops back to
     /// 1 on a timer, so nothing waits on bytes that never arrive. With TLS the records are
     /// larger than the MQTT bytes they carry, so the threshold is met sooner, never later.

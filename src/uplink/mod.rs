@@ -317,10 +317,10 @@ impl Uplink {
 
             // Acknowledgements certainly coming: one per record in flight, except those whose
             // PUBREC is being committed (their PUBCOMP waits for our PUBREL). Wake for a run
-            // of them, not for each; `nudge` drops the threshold now and then so a lone
+            // of them (up to a quarter of the window), not for each; `nudge` drops the threshold now and then so a lone
             // PINGRESP or command is never held back for long.
             let coming = inflight.len().saturating_sub(releasing.len());
-            let run = (capacity / 8).max(1);
+            let run = (capacity / 4).max(1);
             let threshold = if nudged {
                 1
             } else {

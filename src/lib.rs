@@ -56,8 +56,6 @@ pub enum Error {
     Stopped,
     #[error("cannot open the outbox: {message}")]
     Outbox { message: String },
-    #[error("upstream: {message}")]
-    Upstream { message: String },
 }
 
 /// A running gateway, as returned by [`start`]: its addresses and a handle to stop it.
@@ -320,12 +318,7 @@ fn prepare_uplink(
     config: &ValidConfig,
     outbox: outbox::Outbox,
 ) -> Result<(Arc<uplink::Forward>, PreparedUplink), Error> {
-    let password = upstream_password(up)?;
-    let tls = if up.endpoint.tls {
-        Some(uplink::tls_config(up).map_err(|message| Error::Upstream { message })?)
-    } else {
-        None
-    };
+    let outbox_next_id = outbox.stats().next_id;
     let stats = Arc::new(uplink::UplinkStats::default());
     let (live_tx, live_rx) = tokio::sync::mpsc::channel(uplink::LIVE_QUEUE);
     let forward = Arc::new(uplink::Forward {
@@ -343,9 +336,9 @@ fn prepare_uplink(
         broker: None,
         live: live_rx,
         stats: stats.clone(),
-        password,
-        tls,
         attempted: Default::default(),
+        // Records already in the outbox may have been sent before the restart.
+        resumed_below: outbox_next_id,
     };
     Ok((forward, PreparedUplink { task, stats }))
 }
@@ -503,24 +496,6 @@ fn report_uplink(
 }
 
 /// The upstream password from its file or environment variable; never logged.
-fn upstream_password(up: &config::UpstreamConfig) -> Result<Option<String>, Error> {
-    match &up.password {
-        None => Ok(None),
-        Some(config::Password::File(path)) => std::fs::read_to_string(path)
-            .map(|t| Some(t.lines().next().unwrap_or("").to_string()))
-            .map_err(|e| Error::Upstream {
-                message: format!("cannot read the password file {}: {e}", path.display()),
-            }),
-        Some(config::Password::Env(var)) => {
-            std::env::var(var).map(Some).map_err(|_| Error::Upstream {
-                message: format!(
-                    "the environment variable {var} (upstream.password-env) is not set"
-                ),
-            })
-        }
-    }
-}
-
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     if getrandom::fill(&mut b).is_err() {

@@ -1,5 +1,6 @@
-//! A misconfigured uplink (wrong CA, wrong password) says why in `UplinkStats.last_error`,
-//! keeps storing, and delivers everything once the gateway restarts with the fix.
+//! A misconfigured uplink (wrong CA, wrong password, a missing password file or client
+//! certificate) says why in `UplinkStats.last_error`, keeps storing, and delivers everything
+//! once fixed: by a restart with the right setting, or by the missing file appearing.
 
 mod common;
 
@@ -68,6 +69,32 @@ fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (p("ca.pem"), p("server.pem"), p("server.key"))
 }
 
+/// A client certificate and key signed by `name`'s CA (made by [`certificates`]); X.509 v3,
+/// as rustls requires of a certificate it presents.
+fn client_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    std::fs::write(p("client-ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(Command::new("openssl")
+        .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=gw1"])
+        .arg("-keyout")
+        .arg(p("client.key"))
+        .arg("-out")
+        .arg(p("client.csr")));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("client.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("client-ext"))
+        .arg("-out")
+        .arg(p("client.pem")));
+    (p("client.pem"), p("client.key"))
+}
+
 async fn last_error(gw: &sensorgate::Gateway, contains: &str) -> String {
     let stats = gw.uplink_stats().unwrap();
     tokio::time::timeout(LONG, async {
@@ -88,9 +115,9 @@ async fn last_error(gw: &sensorgate::Gateway, contains: &str) -> String {
     })
 }
 
-/// Publishes 50 messages while the uplink fails, checks they are stored, restarts the gateway
-/// with `fixed`, and waits for all of them upstream.
-async fn store_then_deliver(sink: &Sink, broken: &str, fixed: &str, why: &str) {
+/// Starts the gateway with `broken`, publishes 50 messages while the uplink fails and checks
+/// they are stored and the failure says `why`.
+async fn store_while_failing(broken: &str, why: &str) -> sensorgate::Gateway {
     let gw = start_gateway(broken).await;
     let (mut c, _) = Raw::connect(gw.local_addrs()[0], "producer", true).await;
     for i in 0..50u16 {
@@ -106,14 +133,23 @@ async fn store_then_deliver(sink: &Sink, broken: &str, fixed: &str, why: &str) {
             .connected
             .load(std::sync::atomic::Ordering::Relaxed)
     );
-    gw.shutdown().await;
+    gw
+}
 
-    let gw = start_gateway(fixed).await;
+async fn all_fifty_arrive(sink: &Sink) {
     let want: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
     sink.wait("all stored messages", LONG, |s| {
         s.payloads("site/gw1/sensors/a") == want
     })
     .await;
+}
+
+/// Stores 50 messages with `broken`, restarts the gateway with `fixed`, and waits for all of
+/// them upstream.
+async fn store_then_deliver(sink: &Sink, broken: &str, fixed: &str, why: &str) {
+    store_while_failing(broken, why).await.shutdown().await;
+    let gw = start_gateway(fixed).await;
+    all_fifty_arrive(sink).await;
     gw.shutdown().await;
 }
 
@@ -200,4 +236,108 @@ async fn bad_credentials_are_reported_and_nothing_is_lost_once_fixed() {
         "refused",
     )
     .await;
+}
+
+/// A password file that is missing when the gateway starts does not stop it: the local broker
+/// runs, messages are stored, and the file is read again on every attempt, so once it appears
+/// everything is delivered without a restart.
+#[tokio::test]
+async fn a_missing_password_file_is_reported_and_read_once_it_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "").unwrap();
+    run(Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["gw", "right-secret"]));
+    run(Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["reader", "reader-secret"]));
+    let up = Mosquitto::start(
+        dir.path(),
+        MosqOptions {
+            password_file: Some(passwd),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sink = Sink::spawn_with(
+        up.addr(),
+        "counter",
+        1,
+        &["site/#"],
+        &["-u", "reader", "-P", "reader-secret"],
+    )
+    .await;
+    let later = dir.path().join("later.pw");
+    let text = gateway_toml(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &format!("mqtt://{}", up.addr()),
+        &format!(
+            "username = \"gw\"\npassword-file = {:?}",
+            later.display().to_string()
+        ),
+        RULES,
+        "",
+    );
+    let gw = store_while_failing(&text, "cannot read the password file").await;
+    std::fs::write(&later, "right-secret\n").unwrap();
+    all_fifty_arrive(&sink).await;
+    gw.shutdown().await;
+}
+
+/// Mutual TLS as AWS IoT Core requires: mosquitto demands a client certificate. The gateway
+/// starts before its certificate is in place (stored, error reported), then delivers
+/// everything once the certificate and key files appear.
+#[tokio::test]
+async fn mutual_tls_delivers_once_the_client_certificate_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "mtls");
+    let (client_cert, client_key) = client_certificate(dir.path(), "mtls");
+    let up = Mosquitto::start(
+        dir.path(),
+        MosqOptions {
+            tls: Some((ca.clone(), cert, key)),
+            require_certificate: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let arg = |p: &Path| p.display().to_string();
+    let sink = Sink::spawn_with(
+        up.addr(),
+        "counter",
+        1,
+        &["site/#"],
+        &[
+            "--cafile",
+            &arg(&ca),
+            "--cert",
+            &arg(&client_cert),
+            "--key",
+            &arg(&client_key),
+        ],
+    )
+    .await;
+    let (cert_at, key_at) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+    let text = gateway_toml(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &format!("mqtts://127.0.0.1:{}", up.port),
+        &format!(
+            "ca-file = {:?}\nclient-cert = {:?}\nclient-key = {:?}",
+            arg(&ca),
+            arg(&cert_at),
+            arg(&key_at)
+        ),
+        RULES,
+        "",
+    );
+    let gw = store_while_failing(&text, "client-cert").await;
+    std::fs::copy(&client_key, &key_at).unwrap();
+    std::fs::copy(&client_cert, &cert_at).unwrap();
+    all_fifty_arrive(&sink).await;
+    gw.shutdown().await;
 }

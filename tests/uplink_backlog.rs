@@ -1,5 +1,6 @@
 //! `backlog = "latest"`: after an outage only the newest message per topic goes upstream; the
-//! superseded ones are skipped and counted, while `all` rules still deliver everything.
+//! superseded ones are skipped and counted, while `all` rules still deliver everything, and
+//! QoS 2 records, which promise every message exactly once, are never superseded.
 
 mod common;
 
@@ -17,6 +18,12 @@ const RULES: &str = r#"
 filter = "latest/#"
 remote-prefix = "site/"
 qos = 1
+backlog = "latest"
+
+[[upstream.out]]
+filter = "latest2/#"
+remote-prefix = "site/"
+qos = 2
 backlog = "latest"
 
 [[upstream.out]]
@@ -62,9 +69,14 @@ async fn after_an_outage_a_latest_rule_sends_only_the_newest_message_per_topic()
         publish_acked(&mut c, "sensors/x", &format!("x{i}"), pid).await;
         pid += 1;
     }
+    for i in 0..3 {
+        c.publish_acked("latest2/c", format!("c{i}").as_bytes(), 2, pid)
+            .await;
+        pid += 1;
+    }
     assert_eq!(
         gw.outbox().unwrap().stats().depth,
-        20,
+        23,
         "all stored during the outage"
     );
 
@@ -76,6 +88,7 @@ async fn after_an_outage_a_latest_rule_sends_only_the_newest_message_per_topic()
             s.payloads("site/latest/a").contains(&"a9".to_string())
                 && s.payloads("site/latest/b").contains(&"b4".to_string())
                 && s.payloads("site/sensors/x").len() == 5
+                && s.payloads("site/latest2/c").len() == 3
         },
     )
     .await;
@@ -86,6 +99,7 @@ async fn after_an_outage_a_latest_rule_sends_only_the_newest_message_per_topic()
             s.payloads("site/sensors/x"),
             vec!["x0", "x1", "x2", "x3", "x4"]
         );
+        assert_eq!(s.payloads("site/latest2/c"), vec!["c0", "c1", "c2"]);
     });
     assert_eq!(
         gw.uplink_stats().unwrap().superseded.load(Relaxed),

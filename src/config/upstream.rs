@@ -307,11 +307,25 @@ impl Validator<'_> {
         if keep_alive.as_secs() > u64::from(u16::MAX) {
             return Err(self.error(&at("keep-alive"), "at most 65535 seconds".into(), ""));
         }
+        if keep_alive.subsec_nanos() != 0 {
+            return Err(self.error(
+                &at("keep-alive"),
+                "MQTT counts keep-alive in whole seconds".into(),
+                "e.g. \"30s\"; \"0s\" turns pings off",
+            ));
+        }
         let reconnect_min = self.duration_or(
             raw.reconnect_min.as_deref(),
             Duration::from_secs(1),
             &at("reconnect-min"),
         )?;
+        if reconnect_min.is_zero() {
+            return Err(self.error(
+                &at("reconnect-min"),
+                "must be more than 0: the uplink would retry without pause".into(),
+                "e.g. \"1s\"",
+            ));
+        }
         let reconnect_max = self.duration_or(
             raw.reconnect_max.as_deref(),
             Duration::from_secs(60),

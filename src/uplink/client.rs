@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::broker::codec::{
     self, ConnAck, Connect, ConnectReturnCode, LastWill, Packet, ProtocolLevel, QoS,
 };
-use crate::config::UpstreamConfig;
+use crate::config::{Password, UpstreamConfig};
 
 /// Largest packet accepted from the upstream.
 const MAX_PACKET: usize = 1024 * 1024;
@@ -53,11 +53,18 @@ pub enum ConnectError {
     Timeout,
     #[error("the upstream broke the protocol: {0}")]
     Protocol(String),
+    /// The password or a TLS file could not be loaded; read again on every attempt, so a
+    /// file put right (or a rotated certificate) is picked up without a restart.
+    #[error("{0}")]
+    Credentials(String),
 }
 
 impl ConnectError {
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ConnectError::Refused(_) | ConnectError::Tls { .. })
+        matches!(
+            self,
+            ConnectError::Refused(_) | ConnectError::Tls { .. } | ConnectError::Credentials(_)
+        )
     }
 }
 
@@ -228,6 +235,36 @@ impl Connection {
             }
         }
     }
+}
+
+/// The password and the TLS configuration, loaded from their files (or the environment) for one
+/// connection attempt.
+pub fn credentials(
+    config: &UpstreamConfig,
+) -> Result<(Option<String>, Option<Arc<rustls::ClientConfig>>), ConnectError> {
+    let password = match &config.password {
+        None => None,
+        Some(Password::File(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConnectError::Credentials(format!(
+                    "cannot read the password file {} (upstream.password-file): {e}",
+                    path.display()
+                ))
+            })?;
+            Some(text.lines().next().unwrap_or("").to_string())
+        }
+        Some(Password::Env(var)) => Some(std::env::var(var).map_err(|_| {
+            ConnectError::Credentials(format!(
+                "the environment variable {var} (upstream.password-env) is not set"
+            ))
+        })?),
+    };
+    let tls = if config.endpoint.tls {
+        Some(tls_config(config).map_err(ConnectError::Credentials)?)
+    } else {
+        None
+    };
+    Ok((password, tls))
 }
 
 /// Builds the rustls configuration: the CA file or the system roots, and the client

@@ -7,13 +7,20 @@
 //!     └── in-rules ◀──────┴──────────────────────── │◀──PUBLISH (commands)
 //! ```
 //!
-//! Exactly once for QoS 2 (invariant 3): a record's packet id is committed to the outbox before
-//! its first PUBLISH and never changes; PUBREC is committed as "released" before PUBREL goes out;
-//! after a restart released records resume with PUBREL only and the others are resent with
-//! DUP=1 under the same id. A record leaves the outbox only on PUBACK (QoS 1) or PUBCOMP (QoS 2)
-//! (invariant 2). The MQTT client is the project's own codec over TCP or rustls, not rumqttc:
-//! rumqttc answers PUBREC with PUBREL inside its event loop, before the released state can be
-//! made durable, which would break the ordering above.
+//! Exactly once for QoS 2 (invariant 3): a record's packet id is a function of its record id
+//! ([`packet_id_of`]), so it never changes — across reconnects and restarts — without a disk
+//! write; record ids are never reused, and two records share a packet id only 65,533 records
+//! apart (the newer waits for the older). PUBREC is committed as "released" before PUBREL goes
+//! out; after a restart released records resume with PUBREL only and the others are resent
+//! under the same id, with DUP=1 if the upstream kept the session. A record leaves the outbox
+//! only on PUBACK (QoS 1) or PUBCOMP (QoS 2) (invariant 2), or by a counted drop policy; a
+//! PUBREC for a record so dropped is still answered with PUBREL, which frees the id upstream.
+//!
+//! The MQTT client is the project's own codec over TCP or rustls, not rumqttc: rumqttc answers
+//! PUBREC with PUBREL inside its event loop, before the released state can be made durable,
+//! which would break the ordering above; and its `publish()` does not expose the packet id.
+//! For the same reason packet ids are not confined to `1..=inflight`: an id per record, not per
+//! window slot, is what keeps a resend under the id its first PUBLISH had.
 
 mod client;
 mod rules;
@@ -30,7 +37,7 @@ use crate::broker::BrokerHandle;
 use crate::broker::codec::{Packet, Publish, QoS, SubAckCode};
 use crate::config::{Backlog, UpstreamConfig};
 use crate::outbox::{AppendError, Outbox, OutboxError, Pending, Qos, Record, Ticket};
-pub use client::{ConnectError, Connection, connect, tls_config};
+pub use client::{ConnectError, Connection, connect, credentials, tls_config};
 pub use rules::Forward;
 
 /// Records read from the outbox per batch.
@@ -74,10 +81,11 @@ pub struct Uplink {
     pub broker: Option<BrokerHandle>,
     pub live: mpsc::Receiver<Record>,
     pub stats: Arc<UplinkStats>,
-    pub password: Option<String>,
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// Records this process has sent at least once: a resend carries DUP=1.
+    /// Records this task has sent at least once: a resend carries DUP=1.
     pub attempted: IdSet,
+    /// Records with lower ids were in the outbox before this task started, so an earlier
+    /// process may have sent them: they go out with DUP=1 too.
+    pub resumed_below: u64,
 }
 
 /// Record ids and packet ids are sequential numbers chosen here, not input: a multiplicative
@@ -122,9 +130,12 @@ impl Uplink {
             if *stop.borrow() {
                 return;
             }
-            let attempt = tokio::select! {
-                c = client::connect(&self.config, self.password.as_deref(), self.tls.clone()) => c,
-                _ = stop.changed() => return,
+            let attempt = match client::credentials(&self.config) {
+                Ok((password, tls)) => tokio::select! {
+                    c = client::connect(&self.config, password.as_deref(), tls) => c,
+                    _ = stop.changed() => return,
+                },
+                Err(e) => Err(e),
             };
             match attempt {
                 Ok((conn, session_present)) => {
@@ -132,7 +143,6 @@ impl Uplink {
                     self.stats.connected.store(true, Relaxed);
                     self.stats.connects.fetch_add(1, Relaxed);
                     last_error.clear();
-                    backoff = self.config.reconnect_min;
                     let started = Instant::now();
                     let ended = self.session(conn, session_present, &mut stop).await;
                     self.stats.connected.store(false, Relaxed);
@@ -141,7 +151,9 @@ impl Uplink {
                         Ended::Lost(why) => {
                             tracing::warn!(url = %self.config.url, "upstream connection lost: {why}; reconnecting");
                             self.set_error(&why);
-                            // A connection that lasted a while earns a quick retry.
+                            // A connection that lasted a while earns a quick retry; one
+                            // that drops at once keeps backing off, so an upstream that
+                            // accepts and then closes is not hammered.
                             if started.elapsed() > Duration::from_secs(30) {
                                 backoff = self.config.reconnect_min;
                             }
@@ -221,9 +233,15 @@ impl Uplink {
             }
         }
 
+        // Keep-alive 0 turns pings off (MQTT-3.1.2.10); the interval then never fires.
         let keep_alive = self.config.keep_alive;
+        let ping_every = if keep_alive.is_zero() {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            keep_alive
+        };
         let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut last_heard = Instant::now();
         let rate = self.config.drain_rate;
         let mut tokens = f64::from(rate.unwrap_or(0));
@@ -303,7 +321,10 @@ impl Uplink {
                 let packet = if resume_release {
                     Packet::PubRel(pkid)
                 } else {
-                    let dup = self.attempted.contains(&p.id);
+                    // A resend within the upstream's session carries DUP=1; a new session
+                    // (session present 0) holds no state, so records go out as new publishes.
+                    let dup = session_present
+                        && (p.id < self.resumed_below || self.attempted.contains(&p.id));
                     Packet::Publish(publish_of(&p.record, pkid, dup))
                 };
                 self.attempted.insert(p.id);
@@ -393,8 +414,18 @@ impl Uplink {
                 }
                 committed = async { (&mut releasing.front_mut().expect("not empty").1).await }, if !releasing.is_empty() => {
                     let Some((pkid, _)) = releasing.pop_front() else { continue };
-                    if committed.is_err() {
-                        return Ended::Lost("the outbox could not record a PUBREC".into());
+                    match committed {
+                        Ok(()) => {}
+                        // A drop policy removed the record while it was in flight. The upstream
+                        // holds the message under this packet id: release it, or the id stays
+                        // taken there and a later record sent under it would be lost as a
+                        // duplicate.
+                        Err(OutboxError::UnknownId(id)) => {
+                            tracing::debug!(id, pkid, "PUBREC for a record a drop policy removed; releasing it");
+                        }
+                        Err(e) => {
+                            return Ended::Lost(format!("the outbox could not record a PUBREC: {e}"));
+                        }
                     }
                     if let Some(f) = inflight.get_mut(&pkid) {
                         f.released = true;
@@ -478,7 +509,10 @@ impl Uplink {
                 _ => break,
             };
             for p in batch {
-                if p.packet_id.is_some()
+                // QoS 2 promises every message exactly once, and a record may hold a packet id
+                // the upstream still waits on (released, or PUBREC'd before a crash): never
+                // superseded.
+                if p.record.qos == Qos::ExactlyOnce
                     || self.forward.backlog_of(&p.record.topic) != Backlog::Latest
                 {
                     continue;

@@ -73,6 +73,8 @@ pub struct MosqOptions {
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// A `mosquitto_passwd` file; anonymous clients are refused when set.
     pub password_file: Option<PathBuf>,
+    /// With `tls`: clients must present a certificate signed by the CA (mutual TLS).
+    pub require_certificate: bool,
 }
 
 /// A `mosquitto` on a free loopback port, with its own config in `dir`.
@@ -115,6 +117,9 @@ impl Mosquitto {
                 cert.display(),
                 key.display()
             ));
+            if self.opts.require_certificate {
+                conf.push_str("require_certificate true\n");
+            }
         }
         match &self.opts.password_file {
             Some(p) => conf.push_str(&format!(

@@ -183,21 +183,19 @@ async fn a_wrong_ca_is_reported_and_nothing_is_lost_once_fixed() {
     store_then_deliver(&sink, &with_ca(&wrong_ca), &with_ca(&ca), "TLS handshake").await;
 }
 
-#[tokio::test]
-async fn bad_credentials_are_reported_and_nothing_is_lost_once_fixed() {
-    let dir = tempfile::tempdir().unwrap();
-    let passwd = dir.path().join("passwd");
+/// mosquitto refusing anonymous clients: the gateway is `gw` / `right-secret`, the counting
+/// subscriber `reader`.
+async fn with_passwords(dir: &Path) -> (Mosquitto, Sink) {
+    let passwd = dir.join("passwd");
     std::fs::write(&passwd, "").unwrap();
-    run(Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwd)
-        .args(["gw", "right-secret"]));
-    run(Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwd)
-        .args(["reader", "reader-secret"]));
+    for (user, secret) in [("gw", "right-secret"), ("reader", "reader-secret")] {
+        run(Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, secret]));
+    }
     let up = Mosquitto::start(
-        dir.path(),
+        dir,
         MosqOptions {
             password_file: Some(passwd),
             ..Default::default()
@@ -212,6 +210,13 @@ async fn bad_credentials_are_reported_and_nothing_is_lost_once_fixed() {
         &["-u", "reader", "-P", "reader-secret"],
     )
     .await;
+    (up, sink)
+}
+
+#[tokio::test]
+async fn bad_credentials_are_reported_and_nothing_is_lost_once_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, sink) = with_passwords(dir.path()).await;
     let url = format!("mqtt://{}", up.addr());
     let data = dir.path().join("data");
     let with_password = |secret: &str, file: &str| {
@@ -244,32 +249,7 @@ async fn bad_credentials_are_reported_and_nothing_is_lost_once_fixed() {
 #[tokio::test]
 async fn a_missing_password_file_is_reported_and_read_once_it_appears() {
     let dir = tempfile::tempdir().unwrap();
-    let passwd = dir.path().join("passwd");
-    std::fs::write(&passwd, "").unwrap();
-    run(Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwd)
-        .args(["gw", "right-secret"]));
-    run(Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwd)
-        .args(["reader", "reader-secret"]));
-    let up = Mosquitto::start(
-        dir.path(),
-        MosqOptions {
-            password_file: Some(passwd),
-            ..Default::default()
-        },
-    )
-    .await;
-    let sink = Sink::spawn_with(
-        up.addr(),
-        "counter",
-        1,
-        &["site/#"],
-        &["-u", "reader", "-P", "reader-secret"],
-    )
-    .await;
+    let (up, sink) = with_passwords(dir.path()).await;
     let later = dir.path().join("later.pw");
     let text = gateway_toml(
         &dir.path().join("data"),

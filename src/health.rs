@@ -134,6 +134,9 @@ pub struct UplinkStatus {
     pub state: String,
     /// Records waiting in the outbox, when there is one.
     pub outbox: Option<u64>,
+    /// Seconds since the oldest waiting record was accepted; absent when nothing waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_age_s: Option<u64>,
 }
 
 impl UplinkStatus {
@@ -141,6 +144,7 @@ impl UplinkStatus {
         UplinkStatus {
             state: "not-configured".into(),
             outbox: None,
+            oldest_age_s: None,
         }
     }
 }
@@ -450,6 +454,7 @@ mod tests {
             uplink: UplinkStatus {
                 state: "connected".into(),
                 outbox: Some(0),
+                oldest_age_s: None,
             },
             ..Default::default()
         };

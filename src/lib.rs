@@ -478,13 +478,19 @@ fn report_uplink(
             } else {
                 "disconnected"
             };
-            let depth = outbox.stats().depth;
+            let o = outbox.stats();
+            let depth = o.depth;
+            let oldest_age_s = o
+                .oldest_timestamp_ms
+                .map(|t| ingest::now_ms().saturating_sub(t) / 1000);
             tx.send_if_modified(|cur| {
                 let state_changed = cur.state != state;
-                let depth_due = cur.outbox != Some(depth) && last_depth_report.elapsed() >= every;
+                let depth_due = (cur.outbox != Some(depth) || cur.oldest_age_s != oldest_age_s)
+                    && last_depth_report.elapsed() >= every;
                 if state_changed || depth_due {
                     cur.state = state.to_string();
                     cur.outbox = Some(depth);
+                    cur.oldest_age_s = oldest_age_s;
                     last_depth_report = std::time::Instant::now();
                     true
                 } else {
@@ -495,7 +501,6 @@ fn report_uplink(
     })
 }
 
-/// The upstream password from its file or environment variable; never logged.
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     if getrandom::fill(&mut b).is_err() {

@@ -205,6 +205,9 @@ pub fn render(s: &Snapshot, now_ms: u64) -> String {
     if let Some(n) = st.uplink.outbox {
         uplink.push_str(&format!(", outbox {n}"));
     }
+    if let Some(age) = st.uplink.oldest_age_s {
+        uplink.push_str(&format!(", oldest {age} s"));
+    }
     out.push_str(&format!("uplink   {uplink}\n"));
     out.push_str(&format!(
         "broker   {} clients, {} received, {} sent, {} dropped, {} retained\n",
@@ -315,6 +318,7 @@ mod tests {
             uplink: UplinkStatus {
                 state: "connected".into(),
                 outbox: Some(0),
+                oldest_age_s: None,
             },
             ports: vec![
                 PortStatus {

@@ -373,6 +373,20 @@ impl Validator<'_> {
         })
     }
 
+    /// A duration that paces a recurring task, so it must not be zero.
+    fn period(
+        &self,
+        value: Option<&str>,
+        default: &str,
+        path: &[locate::Seg<'_>],
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(value, default, path)?;
+        if d.is_zero() {
+            return Err(self.error(path, "must be more than 0".into(), "e.g. \"10s\""));
+        }
+        Ok(d)
+    }
+
     fn validate(
         &self,
         raw: RawConfig,
@@ -468,12 +482,12 @@ impl Validator<'_> {
             ));
         }
 
-        let sys_interval = self.duration(
+        let sys_interval = self.period(
             b.sys_interval.as_deref(),
             defaults::SYS_INTERVAL,
             &[Key("broker"), Key("sys-interval")],
         )?;
-        let snapshot_interval = self.duration(
+        let snapshot_interval = self.period(
             b.snapshot_interval.as_deref(),
             defaults::SNAPSHOT_INTERVAL,
             &[Key("broker"), Key("snapshot-interval")],

@@ -113,6 +113,7 @@ async fn a_node_goes_offline_after_three_missed_intervals_and_the_status_follows
     uplink.send_replace(UplinkStatus {
         state: "connected".into(),
         outbox: Some(4),
+        oldest_age_s: Some(12),
     });
     let reported: GatewayStatus =
         serde_json::from_str(&next(&mut seen, "sensorgate/pi/status").await).unwrap();

@@ -32,6 +32,8 @@ pub struct Shared {
     pub max_inflight: u16,
     pub max_keep_alive: u16,
     pub stats: Arc<Stats>,
+    /// Holds publishes back while the outbox's queue of blocked appends is full.
+    pub(crate) gate: Arc<super::OutboxGate>,
 }
 
 /// Why a connection ended, for the log and for the will.
@@ -212,6 +214,11 @@ async fn handle_input<W: AsyncWriteExt + Unpin>(
                 ));
             }
             packet => {
+                if matches!(packet, Packet::Publish(_)) {
+                    // `when-full = "block"`: stop reading this client while the outbox holds
+                    // back appends; TCP backpressure slows it down, as a full router queue does.
+                    shared.gate.wait().await;
+                }
                 if shared
                     .router
                     .send(Command::Packet { conn, packet })

@@ -67,6 +67,29 @@ pub struct Broker {
 pub struct BrokerHandle {
     tx: mpsc::Sender<Command>,
     stats: Arc<Stats>,
+    gate: Arc<OutboxGate>,
+}
+
+/// The outbox the out-rules forward to, as seen by producers: a local client's connection and
+/// in-process publishers wait here, before handing a message to the router, while the outbox
+/// holds back appends under `when-full = "block"` ([`crate::outbox::Outbox::wait_for_room`]).
+/// The router itself never waits, so subscribers and the uplink keep going.
+#[derive(Default)]
+pub(crate) struct OutboxGate(std::sync::Mutex<Option<crate::outbox::Outbox>>);
+
+impl OutboxGate {
+    fn set(&self, forward: Option<&Arc<crate::uplink::Forward>>) {
+        // A std mutex, never held across an `.await`.
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = forward.map(|f| f.outbox.clone());
+    }
+
+    /// Waits for room in the outbox's queue of blocked appends (at once without an outbox).
+    pub(crate) async fn wait(&self) {
+        let outbox = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(outbox) = outbox {
+            outbox.wait_for_room().await;
+        }
+    }
 }
 
 /// The broker has stopped; the message was not accepted.
@@ -128,6 +151,9 @@ impl BrokerHandle {
         done: Option<oneshot::Sender<bool>>,
         state: Option<(String, Vec<u8>)>,
     ) -> Result<(), Stopped> {
+        if origin == Origin::Gateway {
+            self.gate.wait().await;
+        }
         let cmd = Command::Publish {
             topic,
             payload,
@@ -145,6 +171,7 @@ impl BrokerHandle {
         &self,
         forward: Option<Arc<crate::uplink::Forward>>,
     ) -> Result<(), Stopped> {
+        self.gate.set(forward.as_ref());
         self.tx
             .send(Command::SetForward(forward))
             .await
@@ -225,6 +252,8 @@ impl Broker {
         };
 
         let stats = Arc::new(Stats::default());
+        let gate = Arc::new(OutboxGate::default());
+        gate.set(forward.as_ref());
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
         let router = Router::new(
             RouterConfig {
@@ -248,6 +277,7 @@ impl Broker {
             max_inflight: b.max_inflight,
             max_keep_alive: b.max_keep_alive,
             stats: stats.clone(),
+            gate: gate.clone(),
         });
         let limit = Arc::new(Semaphore::new(b.max_connections));
         let next_conn = Arc::new(AtomicU64::new(1));
@@ -267,7 +297,7 @@ impl Broker {
 
         Ok(Broker {
             addrs,
-            handle: BrokerHandle { tx, stats },
+            handle: BrokerHandle { tx, stats, gate },
             stop_accepting,
             acceptors,
             router,

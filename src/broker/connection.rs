@@ -127,10 +127,27 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
     let deadline = tokio::time::sleep(grace.unwrap_or(Duration::from_secs(86_400 * 365)));
     tokio::pin!(deadline);
 
+    // A publish waiting for outbox room (`when-full = "block"`): meanwhile this client is not
+    // read (TCP backpressure), but what the router queues for it is still written.
+    let mut held: Option<Packet> = None;
     let end = loop {
         tokio::select! {
             biased;
             _ = &mut kill_rx => break End::Closed,
+            () = wait_held(&shared, held.as_ref()), if held.is_some() => {
+                let Some(packet) = held.take() else { continue };
+                if shared.router.send(Command::Packet { conn, packet }).await.is_err() {
+                    break End::Closed;
+                }
+                if let Some(g) = grace {
+                    deadline.as_mut().reset(Instant::now() + g);
+                }
+                match handle_input(&mut buf, conn, &shared, &mut wr, &mut held).await {
+                    Ok(true) => {}
+                    Ok(false) => break End::Disconnect,
+                    Err(end) => break end,
+                }
+            }
             out = rx.recv() => {
                 let Some(out) = out else { break End::Closed };
                 if let Err(e) = write_out(&mut wr, out, &shared.stats).await {
@@ -152,7 +169,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
                     break End::Io(e);
                 }
             }
-            read = read_some(&mut rd, &mut buf) => {
+            read = read_some(&mut rd, &mut buf), if held.is_none() => {
                 match read {
                     Ok(0) => break End::Eof,
                     Ok(n) => {
@@ -160,7 +177,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
                         if let Some(g) = grace {
                             deadline.as_mut().reset(Instant::now() + g);
                         }
-                        match handle_input(&mut buf, conn, &shared, &mut wr).await {
+                        match handle_input(&mut buf, conn, &shared, &mut wr, &mut held).await {
                             Ok(true) => {}
                             Ok(false) => break End::Disconnect,
                             Err(end) => break end,
@@ -169,7 +186,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
                     Err(e) => break End::Io(e),
                 }
             }
-            _ = &mut deadline, if grace.is_some() => break End::KeepAlive,
+            _ = &mut deadline, if grace.is_some() && held.is_none() => break End::KeepAlive,
         }
     };
     let graceful = matches!(end, End::Disconnect);
@@ -183,12 +200,24 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
     let _ = shared.router.send(Command::Closed { conn, graceful }).await;
 }
 
-/// Decodes everything buffered; false after DISCONNECT.
+/// Waits until the held publish has outbox room (reserved on return).
+async fn wait_held(shared: &Shared, held: Option<&Packet>) {
+    if let Some(Packet::Publish(p)) = held {
+        shared
+            .gate
+            .wait(&p.topic, &p.payload, p.qos, p.retain)
+            .await;
+    }
+}
+
+/// Decodes everything buffered; false after DISCONNECT. Stops at a publish that must wait for
+/// outbox room, leaving it in `held` and the rest in `buf`.
 async fn handle_input<W: AsyncWriteExt + Unpin>(
     buf: &mut BytesMut,
     conn: u64,
     shared: &Shared,
     wr: &mut BufWriter<W>,
+    held: &mut Option<Packet>,
 ) -> Result<bool, End> {
     let mut wrote = false;
     let result = loop {
@@ -214,10 +243,11 @@ async fn handle_input<W: AsyncWriteExt + Unpin>(
                 ));
             }
             packet => {
-                if matches!(packet, Packet::Publish(_)) {
-                    // `when-full = "block"`: stop reading this client while the outbox holds
-                    // back appends; TCP backpressure slows it down, as a full router queue does.
-                    shared.gate.wait().await;
+                if let Packet::Publish(p) = &packet
+                    && !shared.gate.try_pass(&p.topic, &p.payload, p.qos, p.retain)
+                {
+                    *held = Some(packet);
+                    break Ok(true);
                 }
                 if shared
                     .router

@@ -97,9 +97,12 @@
 //!   [`DropCounters`], logged at most once per kind per 10 s with the count since the last
 //!   line, and written under the reserved state key `$outbox/drops` with the next commit, so
 //!   the counters survive restarts (up to the last commit) and `inspect` sees them.
-//! * Under `block`, appends that wait for space hold at most [`Outbox::block_queue_bytes`]
-//!   before [`Outbox::wait_for_room`] holds producers back (the broker calls it before it hands
-//!   a publish to the router), so RAM stays bounded while the upstream is away.
+//! * Under `block`, producers reserve room with [`Outbox::wait_for_room`] before they hand a
+//!   message on (the broker does, before the router sees a publish an out-rule stores); it
+//!   waits while appends waiting for space, plus those reserved and on their way, would exceed
+//!   [`Outbox::block_queue_bytes`] beyond the quota. So RAM stays bounded while the upstream
+//!   is away. A reservation whose append never comes (a QoS 2 resend the broker does not
+//!   forward again) is forgotten at the next commit with nothing waiting for space.
 //!
 //! Not covered: two processes opening one directory at once (the caller must prevent it), and
 //! storage that acknowledges `fdatasync` without persisting.
@@ -450,6 +453,12 @@ fn pending_from(d: DataBody, e: &Entry) -> Pending {
     }
 }
 
+/// The bytes a record takes in the outbox (its data frame without companion state): what
+/// a producer reserves with [`Outbox::wait_for_room`].
+pub fn record_size(record: &Record) -> u64 {
+    format::data_frame_len(&record.topic, record.payload.len(), &[]) as u64
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -683,6 +692,8 @@ pub(crate) struct Shared {
     blocked: VecDeque<BlockedAppend>,
     /// Encoded bytes of `blocked`.
     blocked_bytes: u64,
+    /// Bytes producers reserved in `wait_for_room` for appends still on their way.
+    reserved_bytes: u64,
     kv: BTreeMap<String, Bytes>,
     /// Pending records per segment number.
     seg_live: BTreeMap<u64, u64>,
@@ -1033,6 +1044,7 @@ impl Outbox {
             durable_next: r.next_id,
             blocked: VecDeque::new(),
             blocked_bytes: 0,
+            reserved_bytes: 0,
             kv: r.kv,
             seg_live,
             counters: Counters {
@@ -1111,6 +1123,11 @@ impl Outbox {
             return Ticket::ready(Err(AppendError::TooLarge { record, size, max }));
         }
         let policy = self.inner.config.when_full;
+        if policy == FullPolicy::Block {
+            // The room its producer reserved, if any, is now taken by the record itself.
+            let reserved = record_size(&record);
+            s.reserved_bytes = s.reserved_bytes.saturating_sub(reserved);
+        }
         let blocked = BlockedAppend {
             record,
             state,
@@ -1177,7 +1194,9 @@ impl Outbox {
         let mut s = self.inner.lock();
         let before = s.ops.len();
         let found = s.remove(id, None);
-        let admitted = found && s.admit_blocked(self.inner.config.max_bytes);
+        if found {
+            s.admit_blocked(self.inner.config.max_bytes);
+        }
         // Wake the writer only when it has something new to schedule: the first queued
         // operation (it arms the ack commit delay) or appends let in from `Block`. Waking it for
         // every ack costs a thread switch per delivered message while draining a backlog.
@@ -1186,7 +1205,7 @@ impl Outbox {
         if wake {
             self.inner.wake.notify_one();
         }
-        if admitted {
+        if found && self.inner.config.when_full == FullPolicy::Block {
             self.inner.room.notify_waiters();
         }
         found
@@ -1227,32 +1246,52 @@ impl Outbox {
         ticket
     }
 
-    /// Bytes of appends that may wait for space under [`FullPolicy::Block`] before
-    /// [`wait_for_room`](Self::wait_for_room) holds producers back: a quarter of `max_bytes`,
-    /// at most [`BLOCK_QUEUE_MAX`].
+    /// Bytes of appends that may wait for space under [`FullPolicy::Block`] beyond
+    /// `max_bytes` before [`wait_for_room`](Self::wait_for_room) holds producers back: a
+    /// quarter of `max_bytes`, at most [`BLOCK_QUEUE_MAX`].
     pub fn block_queue_bytes(&self) -> u64 {
         (self.inner.config.max_bytes / 4).clamp(1, BLOCK_QUEUE_MAX)
     }
 
-    /// Waits while appends waiting for space under [`FullPolicy::Block`] hold
-    /// [`block_queue_bytes`](Self::block_queue_bytes) or more; this is the backpressure that
-    /// stalls producers (a local publisher's connection, ingest) when the outbox is full and
-    /// its queue of waiting appends too. Producers call it before `append`; it returns at once
-    /// under the other policies, and once the outbox closes.
-    pub async fn wait_for_room(&self) {
-        let bound = self.block_queue_bytes();
+    /// What an append does when the quota is reached.
+    pub fn when_full(&self) -> FullPolicy {
+        self.inner.config.when_full
+    }
+
+    /// Under [`FullPolicy::Block`]: waits until an append of `bytes` (see [`record_size`])
+    /// fits in the quota plus [`block_queue_bytes`](Self::block_queue_bytes), counting the
+    /// appends waiting for space and those reserved by other producers, then reserves it until
+    /// the next append arrives. This is the backpressure that stalls producers (a local
+    /// publisher's connection, ingest) before their message is handed on, so RAM stays bounded
+    /// however many are in transit. Returns at once under the other policies, with nothing
+    /// waiting or reserved, and once the outbox closes.
+    pub async fn wait_for_room(&self, bytes: u64) {
         loop {
             let notified = self.inner.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let s = self.inner.lock();
-                if s.closing || s.crashed || s.blocked_bytes < bound {
-                    return;
-                }
+            if self.try_reserve_room(bytes) {
+                return;
             }
             notified.await;
         }
+    }
+
+    /// [`wait_for_room`](Self::wait_for_room) without the wait: reserves and returns true if
+    /// there is room (or nothing to wait for), else false.
+    pub fn try_reserve_room(&self, bytes: u64) -> bool {
+        if self.inner.config.when_full != FullPolicy::Block {
+            return true;
+        }
+        let limit = self.inner.config.max_bytes + self.block_queue_bytes();
+        let mut s = self.inner.lock();
+        let waiting = s.blocked_bytes + s.reserved_bytes;
+        let room = s.stored_bytes() + waiting + bytes <= limit;
+        if s.closing || s.crashed || waiting == 0 || room {
+            s.reserved_bytes += bytes;
+            return true;
+        }
+        false
     }
 
     fn queue<T>(

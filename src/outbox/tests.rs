@@ -880,7 +880,6 @@ async fn a_producer_beyond_the_block_queue_bound_waits_until_an_ack_frees_room()
     for n in 1..=3 {
         outbox.append(record(n)).await.unwrap();
     }
-    completes("room with nothing blocked", outbox.wait_for_room()).await;
     let mut fourth = outbox.append(record(4));
     assert!(
         poll_once(&mut fourth).is_pending(),
@@ -892,7 +891,7 @@ async fn a_producer_beyond_the_block_queue_bound_waits_until_an_ack_frees_room()
     let mut producer = Box::pin({
         let outbox = outbox.clone();
         async move {
-            outbox.wait_for_room().await;
+            outbox.wait_for_room(record_size(&record(5))).await;
             outbox.append(record(5)).await
         }
     });
@@ -922,7 +921,7 @@ async fn producers_waiting_for_room_are_released_when_the_outbox_closes() {
     let fourth = outbox.append(record(4));
     let mut waiting = Box::pin({
         let outbox = outbox.clone();
-        async move { outbox.wait_for_room().await }
+        async move { outbox.wait_for_room(frame_len(5)).await }
     });
     assert!(poll_once(&mut waiting).is_pending());
     outbox.clone().close().await.unwrap();

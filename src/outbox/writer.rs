@@ -108,7 +108,8 @@ impl Writer {
             if let Some(max_age) = config.max_age
                 && now >= *next_expiry
             {
-                if s.expire(now_ms(), max_age) > 0 && s.admit_blocked(config.max_bytes) {
+                if s.expire(now_ms(), max_age) > 0 {
+                    s.admit_blocked(config.max_bytes);
                     self.inner.room.notify_waiters();
                 }
                 *next_expiry = now + EXPIRY_INTERVAL;
@@ -314,6 +315,13 @@ impl Writer {
                 // now that its records are indexed, drop the oldest first.
                 if self.inner.config.when_full == crate::outbox::FullPolicy::DropOldest {
                     s.trim_to_quota(max_bytes, 0);
+                }
+                // Forget reservations once nothing waits for space: one whose append never came
+                // would otherwise hold room for good. (One still on its way is then not counted,
+                // an overshoot of at most what is in transit.)
+                if s.blocked.is_empty() && s.reserved_bytes > 0 {
+                    s.reserved_bytes = 0;
+                    self.inner.room.notify_waiters();
                 }
                 // Older segments with nothing pending are covered by this segment's head.
                 for (&n, &live) in &s.seg_live {

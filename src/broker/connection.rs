@@ -134,20 +134,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
         tokio::select! {
             biased;
             _ = &mut kill_rx => break End::Closed,
-            () = wait_held(&shared, held.as_ref()), if held.is_some() => {
-                let Some(packet) = held.take() else { continue };
-                if shared.router.send(Command::Packet { conn, packet }).await.is_err() {
-                    break End::Closed;
-                }
-                if let Some(g) = grace {
-                    deadline.as_mut().reset(Instant::now() + g);
-                }
-                match handle_input(&mut buf, conn, &shared, &mut wr, &mut held).await {
-                    Ok(true) => {}
-                    Ok(false) => break End::Disconnect,
-                    Err(end) => break end,
-                }
-            }
+            // Room for the held publish: `handle_input` hands it on first.
+            () = wait_held(&shared, held.as_ref()), if held.is_some() => {}
             out = rx.recv() => {
                 let Some(out) = out else { break End::Closed };
                 if let Err(e) = write_out(&mut wr, out, &shared.stats).await {
@@ -168,25 +156,25 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
                 if let Err(e) = wr.flush().await {
                     break End::Io(e);
                 }
+                continue;
             }
             read = read_some(&mut rd, &mut buf), if held.is_none() => {
                 match read {
                     Ok(0) => break End::Eof,
-                    Ok(n) => {
-                        shared.stats.bytes_received.fetch_add(n as u64, Relaxed);
-                        if let Some(g) = grace {
-                            deadline.as_mut().reset(Instant::now() + g);
-                        }
-                        match handle_input(&mut buf, conn, &shared, &mut wr, &mut held).await {
-                            Ok(true) => {}
-                            Ok(false) => break End::Disconnect,
-                            Err(end) => break end,
-                        }
-                    }
+                    Ok(n) => shared.stats.bytes_received.fetch_add(n as u64, Relaxed),
                     Err(e) => break End::Io(e),
-                }
+                };
             }
             _ = &mut deadline, if grace.is_some() && held.is_none() => break End::KeepAlive,
+        }
+        // New input, or the held publish may go on: the client is alive and is read again.
+        if let Some(g) = grace {
+            deadline.as_mut().reset(Instant::now() + g);
+        }
+        match handle_input(&mut buf, conn, &shared, &mut wr, &mut held).await {
+            Ok(true) => {}
+            Ok(false) => break End::Disconnect,
+            Err(end) => break end,
         }
     };
     let graceful = matches!(end, End::Disconnect);
@@ -210,8 +198,9 @@ async fn wait_held(shared: &Shared, held: Option<&Packet>) {
     }
 }
 
-/// Decodes everything buffered; false after DISCONNECT. Stops at a publish that must wait for
-/// outbox room, leaving it in `held` and the rest in `buf`.
+/// Hands on the held publish, if any, then decodes everything buffered; false after
+/// DISCONNECT. Stops at a publish that must wait for outbox room, leaving it in `held` and the
+/// rest in `buf`.
 async fn handle_input<W: AsyncWriteExt + Unpin>(
     buf: &mut BytesMut,
     conn: u64,
@@ -219,6 +208,15 @@ async fn handle_input<W: AsyncWriteExt + Unpin>(
     wr: &mut BufWriter<W>,
     held: &mut Option<Packet>,
 ) -> Result<bool, End> {
+    if let Some(packet) = held.take()
+        && shared
+            .router
+            .send(Command::Packet { conn, packet })
+            .await
+            .is_err()
+    {
+        return Err(End::Closed);
+    }
     let mut wrote = false;
     let result = loop {
         let packet = match codec::decode(buf, shared.max_packet_size) {

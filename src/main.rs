@@ -97,7 +97,7 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = duration)]
         period: std::time::Duration,
     },
-    /// Show what waits in the outbox for the upstream: depth, bytes, oldest age; `dump` lists
+    /// Show what waits in the outbox for the upstream: depth, bytes, oldest age, drop counters; `dump` lists
     /// the records. Reads without changing anything, so it is safe while the gateway runs.
     Outbox {
         /// `dump` to list the records.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use sensorgate::outbox::{Inspection, Qos};
 
-/// The summary: depth, bytes, oldest record's age, damage found.
+/// The summary: depth, bytes, oldest record's age, drop counters, damage found.
 pub fn summary(dir: &Path, i: &Inspection, now_ms: u64) -> String {
     let r = &i.report;
     let mut s = String::new();
@@ -20,6 +20,13 @@ pub fn summary(dir: &Path, i: &Inspection, now_ms: u64) -> String {
     let _ = writeln!(s, "segments      {}", r.segments);
     let _ = writeln!(s, "next id       {}", r.next_id);
     let _ = writeln!(s, "state keys    {}", r.state_keys);
+    let drops: Vec<String> = i
+        .drops
+        .by_kind()
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect();
+    let _ = writeln!(s, "dropped       {}", drops.join(", "));
     let _ = writeln!(
         s,
         "damaged       {} region(s), {} byte(s); torn tail {} byte(s)",
@@ -34,7 +41,7 @@ pub fn dump(i: &Inspection, limit: usize) -> String {
     let _ = writeln!(
         s,
         "{:>10}  {:<3}  {:<6}  {:<8}  {:<24}  topic = payload",
-        "id", "qos", "retain", "pkid", "accepted (UTC)"
+        "id", "qos", "retain", "released", "accepted (UTC)"
     );
     for p in i.pending.iter().take(limit) {
         let qos = match p.record.qos {
@@ -42,10 +49,12 @@ pub fn dump(i: &Inspection, limit: usize) -> String {
             Qos::AtLeastOnce => 1,
             Qos::ExactlyOnce => 2,
         };
-        let pkid = match (p.packet_id, p.released) {
-            (Some(id), true) => format!("{id} rel"),
-            (Some(id), false) => id.to_string(),
-            (None, _) => "-".into(),
+        // PUBREC committed: resumes with PUBREL only. The packet id is derived from the record
+        // id by the uplink, not stored, so there is none to show.
+        let released = match (p.record.qos, p.released) {
+            (_, true) => "yes",
+            (Qos::ExactlyOnce, false) => "no",
+            _ => "-",
         };
         let _ = writeln!(
             s,
@@ -53,7 +62,7 @@ pub fn dump(i: &Inspection, limit: usize) -> String {
             p.id,
             qos,
             if p.record.retain { "yes" } else { "no" },
-            pkid,
+            released,
             utc(p.record.timestamp_ms),
             p.record.topic,
             printable(&p.record.payload)

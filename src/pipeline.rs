@@ -426,6 +426,8 @@ impl Pipeline {
                 ("outbox/dropped/oldest", o.dropped_oldest.to_string()),
                 ("outbox/dropped/newest", o.dropped_newest.to_string()),
                 ("outbox/dropped/expired", o.expired.to_string()),
+                ("outbox/dropped/too-large", o.dropped_too_large.to_string()),
+                ("outbox/dropped/invalid", o.dropped_invalid.to_string()),
                 (
                     "outbox/dropped/qos0",
                     stats.live_dropped.load(Relaxed).to_string(),

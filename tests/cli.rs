@@ -93,21 +93,53 @@ fn version_and_help_read_well() {
 }
 
 #[test]
-fn outbox_shows_depth_and_dumps_records_without_changing_them() {
-    use sensorgate::outbox::{Outbox, Qos, Record};
+fn outbox_shows_depth_and_drops_and_dumps_records_without_changing_them() {
+    use sensorgate::outbox::{AppendError, FullPolicy, Outbox, OutboxConfig, Qos, Record};
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("outbox");
     {
-        let (outbox, _) = Outbox::open(&ob, Default::default()).unwrap();
+        let record = |i: usize, qos| Record {
+            topic: format!("site/gw/t{i}"),
+            payload: bytes::Bytes::from(format!("{i}.5")),
+            qos,
+            retain: false,
+            timestamp_ms: 1_764_250_000_000,
+        };
+        let config = OutboxConfig {
+            max_bytes: 4096,
+            when_full: FullPolicy::DropNewest,
+            ..Default::default()
+        };
+        let (outbox, _) = Outbox::open(&ob, config).unwrap();
         for i in 0..3 {
-            let r = Record {
-                topic: format!("site/gw/t{i}"),
-                payload: bytes::Bytes::from(format!("{i}.5")),
-                qos: Qos::AtLeastOnce,
-                retain: false,
-                timestamp_ms: 1_764_250_000_000,
+            let qos = if i == 1 {
+                Qos::ExactlyOnce
+            } else {
+                Qos::AtLeastOnce
             };
-            outbox.append(r).wait().unwrap();
+            outbox.append(record(i, qos)).wait().unwrap();
+        }
+        outbox.mark_released(2).wait().unwrap();
+        // Two refused as invalid, one too large, and two refused by drop-newest.
+        let mut long = record(3, Qos::AtLeastOnce);
+        long.topic = "t".repeat(70_000);
+        let refused = outbox.append(long).wait();
+        assert!(matches!(refused, Err(AppendError::Invalid { .. })));
+        let refused = outbox.append_with_state(record(4, Qos::AtLeastOnce), &[("", b"")]);
+        assert!(matches!(refused.wait(), Err(AppendError::Invalid { .. })));
+        let mut big = record(5, Qos::AtLeastOnce);
+        big.payload = bytes::Bytes::from(vec![b'x'; 5000]);
+        assert!(matches!(
+            outbox.append(big).wait(),
+            Err(AppendError::TooLarge { .. })
+        ));
+        let mut n = 0;
+        while n < 2 {
+            let mut r = record(6, Qos::AtLeastOnce);
+            r.payload = bytes::Bytes::from(vec![b'y'; 1000]);
+            if let Err(AppendError::Full(_)) = outbox.append(r).wait() {
+                n += 1;
+            }
         }
         outbox.close().wait().unwrap();
     }
@@ -127,7 +159,11 @@ fn outbox_shows_depth_and_dumps_records_without_changing_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("records       3"), "{text}");
+    assert!(text.contains("records       6"), "{text}");
+    assert!(
+        text.contains("dropped       oldest 0, newest 2, expired 0, too-large 1, invalid 2"),
+        "{text}"
+    );
     let out = sensorgate()
         .args(["outbox", "dump", "--dir"])
         .arg(&ob)
@@ -135,6 +171,23 @@ fn outbox_shows_depth_and_dumps_records_without_changing_them() {
         .expect("runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("site/gw/t2 = 2.5"), "{text}");
+    let released: Vec<(&str, &str)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some((*cols.first()?, *cols.get(3)?))
+        })
+        .collect();
+    assert_eq!(
+        &released[..3],
+        &[("1", "-"), ("2", "yes"), ("3", "-")],
+        "the released column:\n{text}"
+    );
+    assert!(
+        text.lines().next().is_some_and(|h| h.contains("released")),
+        "{text}"
+    );
     assert!(text.contains("2025-11-27 13:26:40.000"), "{text}");
     let after: Vec<_> = std::fs::read_dir(&ob)
         .unwrap()

@@ -32,6 +32,8 @@ pub struct Shared {
     pub max_inflight: u16,
     pub max_keep_alive: u16,
     pub stats: Arc<Stats>,
+    /// Holds publishes back while the outbox's queue of blocked appends is full.
+    pub(crate) gate: Arc<super::OutboxGate>,
 }
 
 /// Why a connection ended, for the log and for the will.
@@ -125,10 +127,15 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
     let deadline = tokio::time::sleep(grace.unwrap_or(Duration::from_secs(86_400 * 365)));
     tokio::pin!(deadline);
 
+    // A publish waiting for outbox room (`when-full = "block"`): meanwhile this client is not
+    // read (TCP backpressure), but what the router queues for it is still written.
+    let mut held: Option<Packet> = None;
     let end = loop {
         tokio::select! {
             biased;
             _ = &mut kill_rx => break End::Closed,
+            // Room for the held publish: `handle_input` hands it on first.
+            () = wait_held(&shared, held.as_ref()), if held.is_some() => {}
             out = rx.recv() => {
                 let Some(out) = out else { break End::Closed };
                 if let Err(e) = write_out(&mut wr, out, &shared.stats).await {
@@ -149,25 +156,25 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
                 if let Err(e) = wr.flush().await {
                     break End::Io(e);
                 }
+                continue;
             }
-            read = read_some(&mut rd, &mut buf) => {
+            read = read_some(&mut rd, &mut buf), if held.is_none() => {
                 match read {
                     Ok(0) => break End::Eof,
-                    Ok(n) => {
-                        shared.stats.bytes_received.fetch_add(n as u64, Relaxed);
-                        if let Some(g) = grace {
-                            deadline.as_mut().reset(Instant::now() + g);
-                        }
-                        match handle_input(&mut buf, conn, &shared, &mut wr).await {
-                            Ok(true) => {}
-                            Ok(false) => break End::Disconnect,
-                            Err(end) => break end,
-                        }
-                    }
+                    Ok(n) => shared.stats.bytes_received.fetch_add(n as u64, Relaxed),
                     Err(e) => break End::Io(e),
-                }
+                };
             }
-            _ = &mut deadline, if grace.is_some() => break End::KeepAlive,
+            _ = &mut deadline, if grace.is_some() && held.is_none() => break End::KeepAlive,
+        }
+        // New input, or the held publish may go on: the client is alive and is read again.
+        if let Some(g) = grace {
+            deadline.as_mut().reset(Instant::now() + g);
+        }
+        match handle_input(&mut buf, conn, &shared, &mut wr, &mut held).await {
+            Ok(true) => {}
+            Ok(false) => break End::Disconnect,
+            Err(end) => break end,
         }
     };
     let graceful = matches!(end, End::Disconnect);
@@ -181,13 +188,35 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<S
     let _ = shared.router.send(Command::Closed { conn, graceful }).await;
 }
 
-/// Decodes everything buffered; false after DISCONNECT.
+/// Waits until the held publish has outbox room (reserved on return).
+async fn wait_held(shared: &Shared, held: Option<&Packet>) {
+    if let Some(Packet::Publish(p)) = held {
+        shared
+            .gate
+            .wait(&p.topic, &p.payload, p.qos, p.retain)
+            .await;
+    }
+}
+
+/// Hands on the held publish, if any, then decodes everything buffered; false after
+/// DISCONNECT. Stops at a publish that must wait for outbox room, leaving it in `held` and the
+/// rest in `buf`.
 async fn handle_input<W: AsyncWriteExt + Unpin>(
     buf: &mut BytesMut,
     conn: u64,
     shared: &Shared,
     wr: &mut BufWriter<W>,
+    held: &mut Option<Packet>,
 ) -> Result<bool, End> {
+    if let Some(packet) = held.take()
+        && shared
+            .router
+            .send(Command::Packet { conn, packet })
+            .await
+            .is_err()
+    {
+        return Err(End::Closed);
+    }
     let mut wrote = false;
     let result = loop {
         let packet = match codec::decode(buf, shared.max_packet_size) {
@@ -212,6 +241,12 @@ async fn handle_input<W: AsyncWriteExt + Unpin>(
                 ));
             }
             packet => {
+                if let Packet::Publish(p) = &packet
+                    && !shared.gate.try_pass(&p.topic, &p.payload, p.qos, p.retain)
+                {
+                    *held = Some(packet);
+                    break Ok(true);
+                }
                 if shared
                     .router
                     .send(Command::Packet { conn, packet })

@@ -67,6 +67,56 @@ pub struct Broker {
 pub struct BrokerHandle {
     tx: mpsc::Sender<Command>,
     stats: Arc<Stats>,
+    gate: Arc<OutboxGate>,
+}
+
+/// The outbox the out-rules forward to, as seen by producers: a local client's connection and
+/// in-process publishers reserve room here before handing a message an out-rule stores to the
+/// router, and wait while the outbox holds back appends under `when-full = "block"`
+/// ([`crate::outbox::Outbox::wait_for_room`]). The router itself never waits, so subscribers
+/// and the uplink keep going.
+#[derive(Default)]
+pub(crate) struct OutboxGate(std::sync::Mutex<Option<Arc<crate::uplink::Forward>>>);
+
+impl OutboxGate {
+    fn set(&self, forward: Option<&Arc<crate::uplink::Forward>>) {
+        // A std mutex, never held across an `.await`.
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = forward.cloned();
+    }
+
+    /// Waits for, and reserves, room for the message in the outbox if an out-rule stores it
+    /// and the outbox blocks when full; at once otherwise.
+    pub(crate) async fn wait(&self, topic: &str, payload: &Bytes, qos: QoS, retain: bool) {
+        if let Some((outbox, bytes)) = self.reservation(topic, payload, qos, retain) {
+            outbox.wait_for_room(bytes).await;
+        }
+    }
+
+    /// Reserves room at once if there is; false if the message must wait in [`wait`](Self::wait).
+    pub(crate) fn try_pass(&self, topic: &str, payload: &Bytes, qos: QoS, retain: bool) -> bool {
+        self.reservation(topic, payload, qos, retain)
+            .is_none_or(|(outbox, bytes)| outbox.try_reserve_room(bytes))
+    }
+
+    /// The outbox and record size to reserve, for a message an out-rule stores in an outbox
+    /// that blocks when full.
+    fn reservation(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Option<(crate::outbox::Outbox, u64)> {
+        let f = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        if f.outbox.when_full() != crate::outbox::FullPolicy::Block {
+            return None;
+        }
+        let record = f.record_for(topic, payload, qos, retain)?;
+        if record.qos == crate::outbox::Qos::AtMostOnce && !f.store_qos0 {
+            return None;
+        }
+        Some((f.outbox.clone(), crate::outbox::record_size(&record)))
+    }
 }
 
 /// The broker has stopped; the message was not accepted.
@@ -128,6 +178,9 @@ impl BrokerHandle {
         done: Option<oneshot::Sender<bool>>,
         state: Option<(String, Vec<u8>)>,
     ) -> Result<(), Stopped> {
+        if origin == Origin::Gateway {
+            self.gate.wait(&topic, &payload, qos, retain).await;
+        }
         let cmd = Command::Publish {
             topic,
             payload,
@@ -145,6 +198,7 @@ impl BrokerHandle {
         &self,
         forward: Option<Arc<crate::uplink::Forward>>,
     ) -> Result<(), Stopped> {
+        self.gate.set(forward.as_ref());
         self.tx
             .send(Command::SetForward(forward))
             .await
@@ -225,6 +279,8 @@ impl Broker {
         };
 
         let stats = Arc::new(Stats::default());
+        let gate = Arc::new(OutboxGate::default());
+        gate.set(forward.as_ref());
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
         let router = Router::new(
             RouterConfig {
@@ -248,6 +304,7 @@ impl Broker {
             max_inflight: b.max_inflight,
             max_keep_alive: b.max_keep_alive,
             stats: stats.clone(),
+            gate: gate.clone(),
         });
         let limit = Arc::new(Semaphore::new(b.max_connections));
         let next_conn = Arc::new(AtomicU64::new(1));
@@ -267,7 +324,7 @@ impl Broker {
 
         Ok(Broker {
             addrs,
-            handle: BrokerHandle { tx, stats },
+            handle: BrokerHandle { tx, stats, gate },
             stop_accepting,
             acceptors,
             router,

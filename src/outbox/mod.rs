@@ -26,6 +26,7 @@
 //!   4 PacketId  id u64 | packet_id u16                             upstream QoS 2 packet id
 //!   5 Released  id u64                                             PUBREC received
 //!   6 State     klen u8 | key | value (rest)                       latest value per key wins
+//!                                                                  ($outbox/drops: 5 x u64)
 //!   7 Snapshot  next_id u64 | low u64                              all ids < low are removed
 //!               | n u32 | n x (first u64, last u64)                removed ids in low..next_id
 //!               | n u32 | n x (id u64, packet_id u16, flags u8)    QoS 2 state of live records
@@ -80,6 +81,29 @@
 //!   back) and moves writing to a fresh segment, so committed frames are never overwritten and
 //!   pages of uncertain state are never trusted.
 //!
+//! # Limits and drop policies
+//!
+//! `max_bytes` bounds the encoded bytes of pending and queued records. When an append does
+//! not fit, `drop-oldest` drops the oldest records, `drop-newest` hands the new one back and
+//! `block` keeps it waiting in RAM until acknowledgements free space; `max_age` drops records
+//! older than that. Drop frames make these removals durable like acknowledgements.
+//!
+//! * Neither `drop-oldest` nor `max_age` ever drops a *released* record (PUBREC committed by
+//!   `mark_released`): the upstream holds its packet id until our PUBREL, so dropping it would
+//!   leave that id unanswered for good. They skip past it and drop the next droppable record.
+//!   Released records are at most the uplink's window in number, so the skip is bounded; if
+//!   only released records are left, a new record is itself the oldest droppable one.
+//! * Every drop is counted by kind (oldest, newest, expired, too-large, invalid) in
+//!   [`DropCounters`], logged at most once per kind per 10 s with the count since the last
+//!   line, and written under the reserved state key `$outbox/drops` with the next commit, so
+//!   the counters survive restarts (up to the last commit) and `inspect` sees them.
+//! * Under `block`, producers reserve room with [`Outbox::wait_for_room`] before they hand a
+//!   message on (the broker does, before the router sees a publish an out-rule stores); it
+//!   waits while appends waiting for space, plus those reserved and on their way, would exceed
+//!   [`Outbox::block_queue_bytes`] beyond the quota. So RAM stays bounded while the upstream
+//!   is away. A reservation whose append never comes (a QoS 2 resend the broker does not
+//!   forward again) is forgotten at the next commit with nothing waiting for space.
+//!
 //! Not covered: two processes opening one directory at once (the caller must prevent it), and
 //! storage that acknowledges `fdatasync` without persisting.
 
@@ -103,7 +127,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 pub use format::DropReason;
 pub use recovery::SegmentSummary;
@@ -120,6 +144,13 @@ pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(500);
 /// the previous one (one extra page on average), so batches of 32 KiB keep writes near 1.13
 /// times the record bytes at high rates, while taking 3 ms to fill at 10,000 messages/s.
 pub const DEFAULT_COMMIT_BYTES: usize = 32 * 1024;
+
+/// Most bytes of appends held in RAM waiting for space under [`FullPolicy::Block`] before
+/// producers are held back ([`Outbox::wait_for_room`]); the bound is a quarter of `max_bytes`
+/// below that. 4 MiB is under 1 % of the smallest device's RAM, yet thousands of typical
+/// records: enough to absorb a burst from many publishers without stalling them at once when
+/// an acknowledgement frees room. A quarter of a small quota keeps RAM use proportional.
+pub const BLOCK_QUEUE_MAX: u64 = 4 * 1024 * 1024;
 
 /// Settings of one outbox.
 #[derive(Debug, Clone)]
@@ -222,7 +253,7 @@ pub enum OutboxError {
     Closed,
     #[error("no pending record with id {0}")]
     UnknownId(u64),
-    #[error("invalid state key {0:?}: it must be 1 to 255 bytes")]
+    #[error("invalid state key {0:?}: it must be 1 to 255 bytes, not under `$outbox/`")]
     InvalidKey(String),
     #[error(
         "the outbox writer stopped before completing this operation; it may or may not be stored"
@@ -350,9 +381,16 @@ pub struct OutboxStats {
     pub blocked: u64,
     pub next_id: u64,
     pub segments: u64,
+    /// Bytes of the appends waiting under [`FullPolicy::Block`]; producers wait in
+    /// [`Outbox::wait_for_room`] while this is at [`Outbox::block_queue_bytes`].
+    pub blocked_bytes: u64,
     pub dropped_oldest: u64,
     pub dropped_newest: u64,
     pub expired: u64,
+    /// Records larger than `max_bytes`, refused under every policy.
+    pub dropped_too_large: u64,
+    /// Records refused as [`AppendError::Invalid`] (topic or state keys out of range).
+    pub dropped_invalid: u64,
     pub corrupt_skipped: u64,
     pub commits: u64,
     pub write_errors: u64,
@@ -367,6 +405,8 @@ pub struct Inspection {
     pub segments: Vec<SegmentSummary>,
     pub pending: Vec<Pending>,
     pub state: Vec<(String, Bytes)>,
+    /// The drop counters as last committed.
+    pub drops: DropCounters,
 }
 
 /// Reads an outbox directory without modifying anything, for `sensorgate outbox dump`.
@@ -381,11 +421,20 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<Inspection, OutboxError> {
             Some(pending_from(body, e))
         })
         .collect();
+    let drops =
+        r.kv.remove(DROPS_KEY)
+            .map(|v| DropCounters::decode(&v))
+            .unwrap_or_default();
     Ok(Inspection {
         report: r.report,
         segments: r.segments,
         pending,
-        state: r.kv.into_iter().collect(),
+        state: r
+            .kv
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(RESERVED_KEY_PREFIX))
+            .collect(),
+        drops,
     })
 }
 
@@ -402,6 +451,12 @@ fn pending_from(d: DataBody, e: &Entry) -> Pending {
         packet_id: e.packet_id,
         released: e.released,
     }
+}
+
+/// The bytes a record takes in the outbox (its data frame without companion state): what
+/// a producer reserves with [`Outbox::wait_for_room`].
+pub fn record_size(record: &Record) -> u64 {
+    format::data_frame_len(&record.topic, record.payload.len(), &[]) as u64
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -449,13 +504,171 @@ struct BlockedAppend {
 
 #[derive(Debug, Default)]
 struct Counters {
-    dropped_oldest: u64,
-    dropped_newest: u64,
-    expired: u64,
+    /// Cumulative over the outbox's life: persisted under [`DROPS_KEY`].
+    drops: DropCounters,
     corrupt_skipped: u64,
     commits: u64,
     write_errors: u64,
     bytes_written: u64,
+}
+
+/// The state key that carries the drop counters, so they survive restarts and are visible to
+/// `sensorgate outbox`. Reserved: `put_state` and `append_with_state` refuse keys under
+/// `$outbox/`, and `state`/`states` never return it.
+pub(crate) const DROPS_KEY: &str = "$outbox/drops";
+const RESERVED_KEY_PREFIX: &str = "$outbox/";
+
+/// Records dropped by a policy or refused at append, by kind, over the outbox's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    /// Dropped by `drop-oldest` to make room.
+    pub oldest: u64,
+    /// Refused by `drop-newest` (handed back as [`AppendError::Full`]).
+    pub newest: u64,
+    /// Older than `max-age`.
+    pub expired: u64,
+    /// Larger than `max-bytes` ([`AppendError::TooLarge`]).
+    pub too_large: u64,
+    /// Refused as [`AppendError::Invalid`].
+    pub invalid: u64,
+}
+
+impl DropCounters {
+    /// `(name, count)` per kind, in a stable order: for metrics and the CLI.
+    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
+        DropKind::ALL.map(|k| (k.name(), self.get(k)))
+    }
+
+    fn get(&self, kind: DropKind) -> u64 {
+        match kind {
+            DropKind::Oldest => self.oldest,
+            DropKind::Newest => self.newest,
+            DropKind::Expired => self.expired,
+            DropKind::TooLarge => self.too_large,
+            DropKind::Invalid => self.invalid,
+        }
+    }
+
+    fn add(&mut self, kind: DropKind, n: u64) {
+        let c = match kind {
+            DropKind::Oldest => &mut self.oldest,
+            DropKind::Newest => &mut self.newest,
+            DropKind::Expired => &mut self.expired,
+            DropKind::TooLarge => &mut self.too_large,
+            DropKind::Invalid => &mut self.invalid,
+        };
+        *c += n;
+    }
+
+    /// Five little-endian u64s in [`DropKind::ALL`] order.
+    fn encode(&self) -> Bytes {
+        let mut v = Vec::with_capacity(40);
+        for (_, n) in self.by_kind() {
+            v.extend_from_slice(&n.to_le_bytes());
+        }
+        Bytes::from(v)
+    }
+
+    /// Tolerates a shorter value (missing kinds are 0) and ignores extra bytes, so other
+    /// versions can add kinds.
+    pub(crate) fn decode(value: &[u8]) -> DropCounters {
+        let mut c = DropCounters::default();
+        for (kind, chunk) in DropKind::ALL.into_iter().zip(value.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            c.add(kind, u64::from_le_bytes(b));
+        }
+        c
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropKind {
+    Oldest,
+    Newest,
+    Expired,
+    TooLarge,
+    Invalid,
+}
+
+impl DropKind {
+    const ALL: [DropKind; 5] = [
+        DropKind::Oldest,
+        DropKind::Newest,
+        DropKind::Expired,
+        DropKind::TooLarge,
+        DropKind::Invalid,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            DropKind::Oldest => "oldest",
+            DropKind::Newest => "newest",
+            DropKind::Expired => "expired",
+            DropKind::TooLarge => "too-large",
+            DropKind::Invalid => "invalid",
+        }
+    }
+}
+
+/// At most one log line per drop kind per this period, carrying the count since the last one:
+/// a full outbox drops a record per message, and a line each would flood the journal.
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Rate limit of the drop warnings.
+#[derive(Debug, Default)]
+struct DropLog {
+    last: [Option<Instant>; 5],
+    unlogged: [u64; 5],
+}
+
+impl DropLog {
+    /// Counts `n` drops of `kind`; returns the count to log now, if a line is due.
+    fn record(&mut self, kind: DropKind, n: u64, now: Instant) -> Option<u64> {
+        let k = kind as usize;
+        self.unlogged[k] += n;
+        self.take_if_due(k, now)
+    }
+
+    fn take_if_due(&mut self, k: usize, now: Instant) -> Option<u64> {
+        let due = self.last[k].is_none_or(|t| now.duration_since(t) >= DROP_LOG_PERIOD);
+        if !due || self.unlogged[k] == 0 {
+            return None;
+        }
+        self.last[k] = Some(now);
+        Some(std::mem::take(&mut self.unlogged[k]))
+    }
+
+    /// Counts held back whose period has passed (called by the writer as it goes), or all of
+    /// them (`force`, at close).
+    fn due(&mut self, now: Instant, force: bool) -> Vec<(DropKind, u64)> {
+        let mut out = Vec::new();
+        for kind in DropKind::ALL {
+            let k = kind as usize;
+            if force && self.unlogged[k] > 0 {
+                self.last[k] = Some(now);
+                out.push((kind, std::mem::take(&mut self.unlogged[k])));
+            } else if let Some(n) = self.take_if_due(k, now) {
+                out.push((kind, n));
+            }
+        }
+        out
+    }
+}
+
+fn log_drops(kind: DropKind, n: u64) {
+    let why = match kind {
+        DropKind::Oldest => {
+            "the outbox is full: dropped the oldest records (when-full = drop-oldest)"
+        }
+        DropKind::Newest => "the outbox is full: refused new records (when-full = drop-newest)",
+        DropKind::Expired => "dropped records older than max-age",
+        DropKind::TooLarge => "refused records larger than the outbox quota (max-bytes)",
+        DropKind::Invalid => {
+            "refused records the outbox cannot store (topic or state keys too long)"
+        }
+    };
+    tracing::warn!(kind = kind.name(), count = n, "{why}");
 }
 
 /// Everything callers and the writer share; guarded by one std mutex, never held across an
@@ -477,10 +690,17 @@ pub(crate) struct Shared {
     /// Every id below this is committed or failed.
     durable_next: u64,
     blocked: VecDeque<BlockedAppend>,
+    /// Encoded bytes of `blocked`.
+    blocked_bytes: u64,
+    /// Bytes producers reserved in `wait_for_room` for appends still on their way.
+    reserved_bytes: u64,
     kv: BTreeMap<String, Bytes>,
     /// Pending records per segment number.
     seg_live: BTreeMap<u64, u64>,
     counters: Counters,
+    /// The drop counters last queued for writing under [`DROPS_KEY`].
+    drops_written: DropCounters,
+    drop_log: DropLog,
 }
 
 impl Shared {
@@ -554,13 +774,59 @@ impl Shared {
         self.queued_count.saturating_sub(queued)
     }
 
-    /// Drop-oldest after a commit: committed records first, then those still queued.
-    pub(crate) fn trim_to_quota(&mut self, max_bytes: u64) {
-        while self.stored_bytes() > max_bytes {
-            if let Some(&oldest) = self.index.keys().next() {
+    /// Counts `n` drops of `kind` and logs them, at most one line per kind per
+    /// [`DROP_LOG_PERIOD`].
+    fn count_drop(&mut self, kind: DropKind, n: u64) {
+        self.counters.drops.add(kind, n);
+        if let Some(count) = self.drop_log.record(kind, n, Instant::now()) {
+            log_drops(kind, count);
+        }
+    }
+
+    /// Logs the counts held back by the rate limit once their period has passed.
+    fn log_held_drops(&mut self, force: bool) {
+        for (kind, n) in self.drop_log.due(Instant::now(), force) {
+            log_drops(kind, n);
+        }
+    }
+
+    /// Queues the drop counters for writing when they changed since last time; they ride with
+    /// a commit that happens anyway.
+    fn queue_drop_counters(&mut self) {
+        if self.counters.drops == self.drops_written {
+            return;
+        }
+        self.drops_written = self.counters.drops;
+        let (done, _) = oneshot::channel();
+        self.push(Op::State {
+            key: DROPS_KEY.to_string(),
+            value: self.drops_written.encode(),
+            done,
+        });
+    }
+
+    /// The oldest committed record a policy may drop: not one already released. The upstream
+    /// holds a released record's packet id until our PUBREL; dropping it would leave that id
+    /// unanswered for good. Released records are at most the uplink's window in number, so
+    /// this skips a bounded run.
+    fn oldest_droppable(&self) -> Option<u64> {
+        self.index
+            .iter()
+            .find(|(_, e)| !e.released)
+            .map(|(&id, _)| id)
+    }
+
+    /// Drop-oldest: committed records first (never released ones), then those still queued.
+    /// With only released records left, a new record is itself the oldest droppable one: it
+    /// is dropped once committed (counted), and the released ones stay.
+    pub(crate) fn trim_to_quota(&mut self, max_bytes: u64, extra: u64) {
+        while self.stored_bytes() + extra > max_bytes {
+            if let Some(oldest) = self.oldest_droppable() {
                 self.remove(oldest, Some(DropReason::Oldest));
-                self.counters.dropped_oldest += 1;
+                self.count_drop(DropKind::Oldest, 1);
             } else if self.in_flight_appends() > 0 || !self.drop_oldest_queued() {
+                // Older records are being written right now: the writer trims to the quota,
+                // oldest first, once they are indexed.
                 break;
             }
         }
@@ -585,34 +851,50 @@ impl Shared {
         self.queued_bytes -= size;
         self.queued_count -= 1;
         self.queued_record_bytes = self.queued_record_bytes.saturating_sub(size as usize);
-        self.counters.dropped_oldest += 1;
+        self.count_drop(DropKind::Oldest, 1);
         let _ = done.send(Err(AppendError::Full(record)));
         true
     }
 
-    /// Lets waiting appends in, in order, while they fit.
-    fn admit_blocked(&mut self, max_bytes: u64) {
+    fn block(&mut self, b: BlockedAppend) {
+        self.blocked_bytes += b.size;
+        self.blocked.push_back(b);
+    }
+
+    /// Lets waiting appends in, in order, while they fit. True if any got in (producers
+    /// waiting in [`Outbox::wait_for_room`] are then woken).
+    fn admit_blocked(&mut self, max_bytes: u64) -> bool {
+        let mut admitted = false;
         while let Some(front) = self.blocked.front() {
             if self.stored_bytes() + front.size > max_bytes {
                 break;
             }
             if let Some(b) = self.blocked.pop_front() {
+                self.blocked_bytes -= b.size;
                 self.accept(b.record, b.state, b.size, b.done);
+                admitted = true;
             }
         }
+        admitted
     }
 
-    /// Drops pending records older than `max_age`, oldest first.
+    /// Drops pending records older than `max_age`, oldest first; never released ones (see
+    /// [`Shared::oldest_droppable`]).
     fn expire(&mut self, now_ms: u64, max_age: Duration) -> u64 {
         let limit = now_ms.saturating_sub(max_age.as_millis() as u64);
-        let mut n = 0;
-        while let Some((&id, e)) = self.index.first_key_value() {
-            if e.timestamp_ms >= limit {
-                break;
-            }
+        let expired: Vec<u64> = self
+            .index
+            .iter()
+            .filter(|(_, e)| !e.released)
+            .take_while(|(_, e)| e.timestamp_ms < limit)
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &expired {
             self.remove(id, Some(DropReason::Expired));
-            self.counters.expired += 1;
-            n += 1;
+        }
+        let n = expired.len() as u64;
+        if n > 0 {
+            self.count_drop(DropKind::Expired, n);
         }
         n
     }
@@ -662,6 +944,8 @@ pub(crate) struct Inner {
     shared: Mutex<Shared>,
     /// Wakes the writer.
     wake: Condvar,
+    /// Wakes producers waiting in [`Outbox::wait_for_room`] when blocked appends get in.
+    room: Notify,
     /// `durable_next` after each commit; cursors wait on it.
     committed: watch::Sender<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -699,7 +983,7 @@ impl std::fmt::Debug for Outbox {
 }
 
 fn validate_key(key: &str) -> Result<(), OutboxError> {
-    if key.is_empty() || key.len() > 255 {
+    if key.is_empty() || key.len() > 255 || key.starts_with(RESERVED_KEY_PREFIX) {
         Err(OutboxError::InvalidKey(key.to_string()))
     } else {
         Ok(())
@@ -741,6 +1025,10 @@ impl Outbox {
                 "outbox recovered from damaged files"
             );
         }
+        let drops =
+            r.kv.get(DROPS_KEY)
+                .map(|v| DropCounters::decode(v))
+                .unwrap_or_default();
         let shared = Shared {
             ops: Vec::new(),
             first_op_at: None,
@@ -755,12 +1043,17 @@ impl Outbox {
             next_id: r.next_id,
             durable_next: r.next_id,
             blocked: VecDeque::new(),
+            blocked_bytes: 0,
+            reserved_bytes: 0,
             kv: r.kv,
             seg_live,
             counters: Counters {
+                drops,
                 corrupt_skipped: report.corrupt_skipped,
                 ..Counters::default()
             },
+            drops_written: drops,
+            drop_log: DropLog::default(),
         };
         let (committed, _) = watch::channel(r.next_id);
         let inner = Arc::new(Inner {
@@ -768,6 +1061,7 @@ impl Outbox {
             config,
             shared: Mutex::new(shared),
             wake: Condvar::new(),
+            room: Notify::new(),
             committed,
             writer: Mutex::new(None),
         });
@@ -793,76 +1087,71 @@ impl Outbox {
         record: Record,
         state: &[(&str, &[u8])],
     ) -> Ticket<u64, AppendError> {
-        let invalid = |record, reason: &str| {
-            Ticket::ready(Err(AppendError::Invalid {
-                record,
-                reason: reason.to_string(),
-            }))
+        let state_ok = state.len() <= 255 && state.iter().all(|(k, _)| validate_key(k).is_ok());
+        let invalid = if record.topic.len() > usize::from(u16::MAX) {
+            Some("topic longer than 65535 bytes")
+        } else if !state_ok {
+            Some("at most 255 state keys of 1 to 255 bytes, none under `$outbox/`")
+        } else {
+            None
         };
-        if record.topic.len() > usize::from(u16::MAX) {
-            return invalid(record, "topic longer than 65535 bytes");
-        }
-        if state.len() > 255 || state.iter().any(|(k, _)| validate_key(k).is_err()) {
-            return invalid(record, "at most 255 state keys of 1 to 255 bytes");
-        }
-        let state: Vec<(String, Bytes)> = state
-            .iter()
-            .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
-            .collect();
+        let state: Vec<(String, Bytes)> = match invalid {
+            Some(_) => Vec::new(),
+            None => state
+                .iter()
+                .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
+                .collect(),
+        };
         let size = format::data_frame_len(&record.topic, record.payload.len(), &state) as u64;
-        if size > format::MAX_BODY_LEN as u64 {
-            return invalid(record, "record larger than 64 MiB");
-        }
+        let invalid =
+            invalid.or((size > format::MAX_BODY_LEN as u64).then_some("record larger than 64 MiB"));
         let max = self.inner.config.max_bytes;
         let (done, ticket) = Ticket::channel();
         let mut s = self.inner.lock();
         if s.closing {
             return Ticket::ready(Err(AppendError::Closed(record)));
         }
+        if let Some(reason) = invalid {
+            s.count_drop(DropKind::Invalid, 1);
+            return Ticket::ready(Err(AppendError::Invalid {
+                record,
+                reason: reason.to_string(),
+            }));
+        }
         if size > max {
-            s.counters.dropped_newest += 1;
+            s.count_drop(DropKind::TooLarge, 1);
             return Ticket::ready(Err(AppendError::TooLarge { record, size, max }));
         }
         let policy = self.inner.config.when_full;
+        if policy == FullPolicy::Block {
+            // The room its producer reserved, if any, is now taken by the record itself.
+            let reserved = record_size(&record);
+            s.reserved_bytes = s.reserved_bytes.saturating_sub(reserved);
+        }
+        let blocked = BlockedAppend {
+            record,
+            state,
+            size,
+            done,
+        };
         if policy == FullPolicy::Block && !s.blocked.is_empty() {
-            s.blocked.push_back(BlockedAppend {
-                record,
-                state,
-                size,
-                done,
-            });
+            s.block(blocked);
             return ticket;
         }
         if s.stored_bytes() + size > max {
             match policy {
-                FullPolicy::DropOldest => {
-                    while s.stored_bytes() + size > max {
-                        if let Some(&oldest) = s.index.keys().next() {
-                            s.remove(oldest, Some(DropReason::Oldest));
-                            s.counters.dropped_oldest += 1;
-                        } else if s.in_flight_appends() > 0 || !s.drop_oldest_queued() {
-                            // Older records are being written right now: the writer trims to
-                            // the quota, oldest first, once they are indexed.
-                            break;
-                        }
-                    }
-                }
+                FullPolicy::DropOldest => s.trim_to_quota(max, size),
                 FullPolicy::DropNewest => {
-                    s.counters.dropped_newest += 1;
-                    return Ticket::ready(Err(AppendError::Full(record)));
+                    s.count_drop(DropKind::Newest, 1);
+                    return Ticket::ready(Err(AppendError::Full(blocked.record)));
                 }
                 FullPolicy::Block => {
-                    s.blocked.push_back(BlockedAppend {
-                        record,
-                        state,
-                        size,
-                        done,
-                    });
+                    s.block(blocked);
                     return ticket;
                 }
             }
         }
-        s.accept(record, state, size, done);
+        s.accept(blocked.record, blocked.state, blocked.size, blocked.done);
         drop(s);
         self.inner.wake.notify_one();
         ticket
@@ -883,13 +1172,19 @@ impl Outbox {
 
     /// The latest committed value of a state key.
     pub fn state(&self, key: &str) -> Option<Bytes> {
+        if key.starts_with(RESERVED_KEY_PREFIX) {
+            return None;
+        }
         self.inner.lock().kv.get(key).cloned()
     }
 
     /// Every committed state key and value.
     pub fn states(&self) -> Vec<(String, Bytes)> {
         let s = self.inner.lock();
-        s.kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        s.kv.iter()
+            .filter(|(k, _)| !k.starts_with(RESERVED_KEY_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Removes a delivered record (PUBACK for QoS 0/1, PUBCOMP for QoS 2). Not durable on
@@ -909,6 +1204,9 @@ impl Outbox {
         drop(s);
         if wake {
             self.inner.wake.notify_one();
+        }
+        if found && self.inner.config.when_full == FullPolicy::Block {
+            self.inner.room.notify_waiters();
         }
         found
     }
@@ -944,7 +1242,56 @@ impl Outbox {
         let ticket = self.flush();
         self.inner.lock().closing = true;
         self.inner.wake.notify_one();
+        self.inner.room.notify_waiters();
         ticket
+    }
+
+    /// Bytes of appends that may wait for space under [`FullPolicy::Block`] beyond
+    /// `max_bytes` before [`wait_for_room`](Self::wait_for_room) holds producers back: a
+    /// quarter of `max_bytes`, at most [`BLOCK_QUEUE_MAX`].
+    pub fn block_queue_bytes(&self) -> u64 {
+        (self.inner.config.max_bytes / 4).clamp(1, BLOCK_QUEUE_MAX)
+    }
+
+    /// What an append does when the quota is reached.
+    pub fn when_full(&self) -> FullPolicy {
+        self.inner.config.when_full
+    }
+
+    /// Under [`FullPolicy::Block`]: waits until an append of `bytes` (see [`record_size`])
+    /// fits in the quota plus [`block_queue_bytes`](Self::block_queue_bytes), counting the
+    /// appends waiting for space and those reserved by other producers, then reserves it until
+    /// the next append arrives. This is the backpressure that stalls producers (a local
+    /// publisher's connection, ingest) before their message is handed on, so RAM stays bounded
+    /// however many are in transit. Returns at once under the other policies, with nothing
+    /// waiting or reserved, and once the outbox closes.
+    pub async fn wait_for_room(&self, bytes: u64) {
+        loop {
+            let notified = self.inner.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.try_reserve_room(bytes) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// [`wait_for_room`](Self::wait_for_room) without the wait: reserves and returns true if
+    /// there is room (or nothing to wait for), else false.
+    pub fn try_reserve_room(&self, bytes: u64) -> bool {
+        if self.inner.config.when_full != FullPolicy::Block {
+            return true;
+        }
+        let limit = self.inner.config.max_bytes + self.block_queue_bytes();
+        let mut s = self.inner.lock();
+        let waiting = s.blocked_bytes + s.reserved_bytes;
+        let room = s.stored_bytes() + waiting + bytes <= limit;
+        if s.closing || s.crashed || waiting == 0 || room {
+            s.reserved_bytes += bytes;
+            return true;
+        }
+        false
     }
 
     fn queue<T>(
@@ -979,11 +1326,14 @@ impl Outbox {
             oldest_timestamp_ms: s.index.values().next().map(|e| e.timestamp_ms),
             queued: s.queued_count,
             blocked: s.blocked.len() as u64,
+            blocked_bytes: s.blocked_bytes,
             next_id: s.next_id,
             segments: s.seg_live.len() as u64,
-            dropped_oldest: s.counters.dropped_oldest,
-            dropped_newest: s.counters.dropped_newest,
-            expired: s.counters.expired,
+            dropped_oldest: s.counters.drops.oldest,
+            dropped_newest: s.counters.drops.newest,
+            expired: s.counters.drops.expired,
+            dropped_too_large: s.counters.drops.too_large,
+            dropped_invalid: s.counters.drops.invalid,
             corrupt_skipped: s.counters.corrupt_skipped,
             commits: s.counters.commits,
             write_errors: s.counters.write_errors,
@@ -1001,6 +1351,7 @@ impl Outbox {
     pub(crate) fn crash(self) {
         self.inner.lock().crashed = true;
         self.inner.wake.notify_one();
+        self.inner.room.notify_waiters();
         let handle = self
             .inner
             .writer

@@ -6,6 +6,10 @@
 //! has completed since the `ack` call. Any completed ticket proves that the commit holding it
 //! also holds every operation queued before it, acks included. A clean close makes all acks
 //! sure. A record that reappears comes back with the content and delivery state it had.
+//!
+//! Appends may also be left queued, their tickets not awaited, when a crash comes. Such a
+//! record may be lost only if its ticket had not resolved `Ok`: after the crash each ticket is
+//! looked at, an `Ok` one must survive, and any other may come back (unchanged) or not.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -25,6 +29,11 @@ enum Step {
         qos: u8,
         state: bool,
     },
+    /// Append without awaiting the ticket: it may still be queued at the next crash.
+    AppendQueued {
+        len: usize,
+        qos: u8,
+    },
     Ack(usize),
     SetPacketId(usize, u16),
     Release(usize),
@@ -40,6 +49,7 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         5 => (0usize..300, 0u8..3, any::<bool>())
             .prop_map(|(len, qos, state)| Step::Append { len, qos, state }),
+        3 => (0usize..300, 0u8..3).prop_map(|(len, qos)| Step::AppendQueued { len, qos }),
         4 => any::<usize>().prop_map(Step::Ack),
         1 => (any::<usize>(), 1u16..).prop_map(|(i, p)| Step::SetPacketId(i, p)),
         1 => any::<usize>().prop_map(Step::Release),
@@ -62,11 +72,47 @@ struct Model {
     unsure_acks: BTreeMap<u64, ModelRecord>,
     max_id: u64,
     kv: BTreeMap<String, Bytes>,
+    /// Appends whose tickets were not awaited yet.
+    queued: Vec<(Ticket<u64, AppendError>, Record)>,
+    /// After a crash: appends whose tickets did not resolve `Ok`; each may or may not be back.
+    maybe: Vec<Record>,
+}
+
+fn fresh(record: Record) -> ModelRecord {
+    ModelRecord {
+        record,
+        packet_id: None,
+        released: false,
+    }
 }
 
 impl Model {
-    fn ticket_completed(&mut self) {
+    /// A ticket completed: every operation queued before it is durable, acks included, and
+    /// the appends queued before it are done.
+    fn ticket_completed(&mut self) -> Result<(), TestCaseError> {
         self.unsure_acks.clear();
+        for (ticket, record) in std::mem::take(&mut self.queued) {
+            let id = ticket
+                .wait()
+                .map_err(|e| TestCaseError::fail(format!("queued append failed: {e}")))?;
+            prop_assert!(id > self.max_id);
+            self.max_id = id;
+            self.pending.insert(id, fresh(record));
+        }
+        Ok(())
+    }
+
+    /// After a crash: queued appends acknowledged `Ok` must survive; the rest may.
+    fn crashed(&mut self) {
+        for (ticket, record) in std::mem::take(&mut self.queued) {
+            match ticket.wait() {
+                Ok(id) => {
+                    self.max_id = self.max_id.max(id);
+                    self.pending.insert(id, fresh(record));
+                }
+                Err(_) => self.maybe.push(record),
+            }
+        }
     }
 
     fn nth(&self, i: usize, pred: impl Fn(&ModelRecord) -> bool) -> Option<u64> {
@@ -132,6 +178,12 @@ fn reopen_and_check(dir: &Path, model: &mut Model) -> Result<Outbox, TestCaseErr
         } else if let Some(expected) = model.unsure_acks.get(&p.id) {
             prop_assert_eq!(&got, expected, "redelivered record {} changed", p.id);
             model.pending.insert(p.id, got);
+        } else if let Some(i) = model.maybe.iter().position(|r| *r == p.record) {
+            // Queued at the crash and committed, though its ticket never said so.
+            prop_assert!(!got.released && got.packet_id.is_none());
+            model.maybe.swap_remove(i);
+            model.max_id = model.max_id.max(p.id);
+            model.pending.insert(p.id, got);
         } else {
             return Err(TestCaseError::fail(format!(
                 "record {} reappeared though its ack was durable",
@@ -145,6 +197,7 @@ fn reopen_and_check(dir: &Path, model: &mut Model) -> Result<Outbox, TestCaseErr
     let kv: BTreeMap<String, Bytes> = outbox.states().into_iter().collect();
     prop_assert_eq!(&kv, &model.kv);
     model.unsure_acks.clear();
+    model.maybe.clear();
     Ok(outbox)
 }
 
@@ -172,20 +225,23 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     .append_with_state(record.clone(), companion)
                     .wait()
                     .unwrap();
+                model.ticket_completed()?;
                 prop_assert!(id > model.max_id);
                 model.max_id = id;
-                model.ticket_completed();
                 if state {
                     model.kv.insert("node".into(), Bytes::from(value));
                 }
-                model.pending.insert(
-                    id,
-                    ModelRecord {
-                        record,
-                        packet_id: None,
-                        released: false,
-                    },
-                );
+                model.pending.insert(id, fresh(record));
+            }
+            Step::AppendQueued { len, qos } => {
+                let record = Record {
+                    topic: format!("q/{}", n % 3),
+                    payload: Bytes::from(vec![n as u8; len]),
+                    qos: Qos::from_u8(qos).unwrap(),
+                    retain: false,
+                    timestamp_ms: n as u64,
+                };
+                model.queued.push((outbox.append(record.clone()), record));
             }
             Step::Ack(i) => {
                 if let Some(id) = model.nth(i, |_| true) {
@@ -199,7 +255,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     |r: &ModelRecord| r.record.qos == Qos::ExactlyOnce && r.packet_id.is_none();
                 if let Some(id) = model.nth(i, pick) {
                     outbox.set_packet_id(id, pkid).wait().unwrap();
-                    model.ticket_completed();
+                    model.ticket_completed()?;
                     model.pending.get_mut(&id).unwrap().packet_id = Some(pkid);
                 }
             }
@@ -207,16 +263,17 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let pick = |r: &ModelRecord| r.packet_id.is_some() && !r.released;
                 if let Some(id) = model.nth(i, pick) {
                     outbox.mark_released(id).wait().unwrap();
-                    model.ticket_completed();
+                    model.ticket_completed()?;
                     model.pending.get_mut(&id).unwrap().released = true;
                 }
             }
             Step::Flush => {
                 outbox.flush().wait().unwrap();
-                model.ticket_completed();
+                model.ticket_completed()?;
             }
             Step::Crash { torn } => {
                 outbox.crash();
+                model.crashed();
                 if let Some(len) = torn {
                     leave_torn_frame(dir.path(), len);
                 }
@@ -224,12 +281,13 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Reopen => {
                 outbox.close().wait().unwrap();
-                model.ticket_completed();
+                model.ticket_completed()?;
                 outbox = reopen_and_check(dir.path(), &mut model)?;
             }
         }
     }
     outbox.crash();
+    model.crashed();
     reopen_and_check(dir.path(), &mut model)?;
     Ok(())
 }

@@ -230,6 +230,9 @@ pub(crate) fn scan_dir(dir: &Path, keep_bodies: bool) -> Result<Recovered, Outbo
     r.report.pending_bytes = r.index.values().map(|e| u64::from(e.len)).sum();
     r.report.oldest_timestamp_ms = r.index.values().next().map(|e| e.timestamp_ms);
     r.report.next_id = r.next_id;
-    r.report.state_keys = r.kv.len();
+    r.report.state_keys =
+        r.kv.keys()
+            .filter(|k| !k.starts_with(super::RESERVED_KEY_PREFIX))
+            .count();
     Ok(r)
 }

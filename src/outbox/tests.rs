@@ -422,7 +422,8 @@ fn a_record_larger_than_the_quota_is_refused_under_every_policy() {
         outbox.append(record(1)).wait(),
         Err(AppendError::TooLarge { .. })
     ));
-    assert_eq!(outbox.stats().dropped_newest, 1);
+    let s = outbox.stats();
+    assert_eq!((s.dropped_too_large, s.dropped_newest), (1, 0));
 }
 
 #[test]
@@ -681,4 +682,255 @@ fn a_cursor_reads_runs_across_segments_and_skips_a_record_damaged_since_open() {
     outbox.flush().wait().unwrap();
     assert_eq!(ids(cursor.next_batch_blocking(5).unwrap()), vec![11, 12]);
     assert!(cursor.next_batch_blocking(5).unwrap().is_empty());
+}
+
+#[test]
+fn drop_oldest_never_drops_a_released_record_and_drops_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = quota_config(FullPolicy::DropOldest);
+    let (outbox, _) = open(dir.path(), config.clone());
+    append_n(&outbox, 1..=3);
+    // Release one, append one: 2 goes rather than released 1, then 4 rather than 1 and 3.
+    for (release, n, after, dropped) in [(1, 4, [1, 3, 4], 1), (3, 5, [1, 3, 5], 2)] {
+        outbox.mark_released(release).wait().unwrap();
+        assert_eq!(outbox.append(record(n)).wait().unwrap(), n);
+        assert_eq!(pending_ids(&outbox), after);
+        assert_eq!(outbox.stats().dropped_oldest, dropped);
+    }
+    outbox.close().wait().unwrap();
+    let (outbox, _) = open(dir.path(), config);
+    let p = all_pending(&outbox);
+    let released: Vec<(u64, bool)> = p.iter().map(|p| (p.id, p.released)).collect();
+    assert_eq!(released, vec![(1, true), (3, true), (5, false)]);
+    assert_eq!(
+        outbox.stats().dropped_oldest,
+        2,
+        "counters survive a restart"
+    );
+}
+
+#[test]
+fn drop_oldest_with_only_released_records_left_drops_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = open(dir.path(), quota_config(FullPolicy::DropOldest));
+    append_n(&outbox, 1..=3);
+    for id in 1..=3 {
+        outbox.mark_released(id).wait().unwrap();
+    }
+    assert_eq!(outbox.append(record(4)).wait().unwrap(), 4);
+    assert_eq!(
+        pending_ids(&outbox),
+        vec![1, 2, 3],
+        "4 is the oldest droppable"
+    );
+    let s = outbox.stats();
+    assert_eq!((s.dropped_oldest, s.bytes), (1, 3 * frame_len(1)));
+}
+
+#[test]
+fn expiry_never_drops_a_released_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = open(dir.path(), fast_config());
+    append_n(&outbox, 1..=5); // timestamps base+1 ..= base+5
+    outbox.mark_released(1).wait().unwrap();
+    outbox.mark_released(3).wait().unwrap();
+    let now = 1_700_000_000_000 + 5 + 60_000; // 1 to 4 are too old
+    let expired = outbox.inner.lock().expire(now, Duration::from_secs(60));
+    assert_eq!(expired, 2);
+    assert_eq!(pending_ids(&outbox), vec![1, 3, 5]);
+    assert_eq!(outbox.stats().expired, 2);
+}
+
+#[test]
+fn every_kind_of_drop_is_counted_and_the_counters_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quota_config(FullPolicy::DropNewest);
+    config.max_bytes = 3 * frame_len(1);
+    let (outbox, _) = open(dir.path(), config.clone());
+    append_n(&outbox, 1..=3);
+    assert!(matches!(
+        outbox.append(record(4)).wait(),
+        Err(AppendError::Full(_))
+    ));
+    let mut long_topic = record(5);
+    long_topic.topic = "t".repeat(70_000);
+    assert!(matches!(
+        outbox.append(long_topic).wait(),
+        Err(AppendError::Invalid { .. })
+    ));
+    let reserved: &[(&str, &[u8])] = &[("$outbox/drops", b"x")];
+    match outbox.append_with_state(record(6), reserved).wait() {
+        Err(AppendError::Invalid { record: r, .. }) => assert_eq!(r, record(6)),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let mut big = record(7);
+    big.payload = Bytes::from(vec![0; 4 * frame_len(1) as usize]);
+    assert!(matches!(
+        outbox.append(big).wait(),
+        Err(AppendError::TooLarge { .. })
+    ));
+    let want = DropCounters {
+        oldest: 0,
+        newest: 1,
+        expired: 0,
+        too_large: 1,
+        invalid: 2,
+    };
+    let s = outbox.stats();
+    assert_eq!(
+        (s.dropped_newest, s.dropped_too_large, s.dropped_invalid),
+        (1, 1, 2)
+    );
+    assert!(
+        outbox.states().is_empty(),
+        "the counters' key is not user state"
+    );
+    outbox.close().wait().unwrap();
+    assert_eq!(inspect(dir.path()).unwrap().drops, want);
+    assert!(inspect(dir.path()).unwrap().state.is_empty());
+    let (outbox, report) = open(dir.path(), config);
+    assert_eq!(report.state_keys, 0);
+    let s = outbox.stats();
+    assert_eq!(
+        (s.dropped_newest, s.dropped_too_large, s.dropped_invalid),
+        (1, 1, 2)
+    );
+    assert!(outbox.put_state("$outbox/drops", b"0").wait().is_err());
+}
+
+#[test]
+fn drop_counters_decode_from_shorter_or_longer_values() {
+    let c = DropCounters {
+        oldest: 1,
+        newest: 2,
+        expired: 3,
+        too_large: 4,
+        invalid: 5,
+    };
+    assert_eq!(DropCounters::decode(&c.encode()), c);
+    let mut longer = c.encode().to_vec();
+    longer.extend_from_slice(&9u64.to_le_bytes());
+    assert_eq!(DropCounters::decode(&longer), c);
+    let short = DropCounters::decode(&c.encode()[..16]);
+    assert_eq!((short.oldest, short.newest, short.invalid), (1, 2, 0));
+    assert_eq!(DropCounters::decode(b"junk"), DropCounters::default());
+}
+
+#[test]
+fn drop_warnings_come_once_per_kind_per_period_with_the_count_since_the_last() {
+    let mut log = DropLog::default();
+    let t0 = Instant::now();
+    assert_eq!(
+        log.record(DropKind::Oldest, 1, t0),
+        Some(1),
+        "the first at once"
+    );
+    for _ in 0..999 {
+        assert_eq!(
+            log.record(DropKind::Oldest, 1, t0 + Duration::from_secs(1)),
+            None
+        );
+    }
+    assert_eq!(
+        log.record(DropKind::Newest, 1, t0),
+        Some(1),
+        "kinds are apart"
+    );
+    assert!(log.due(t0 + Duration::from_secs(9), false).is_empty());
+    assert_eq!(
+        log.due(t0 + DROP_LOG_PERIOD, false),
+        vec![(DropKind::Oldest, 999)],
+        "the held-back count, once its period passed"
+    );
+    assert_eq!(log.record(DropKind::Oldest, 2, t0 + DROP_LOG_PERIOD), None);
+    assert_eq!(
+        log.due(t0 + DROP_LOG_PERIOD, true),
+        vec![(DropKind::Oldest, 2)]
+    );
+    assert!(log.due(t0 + DROP_LOG_PERIOD * 5, true).is_empty());
+}
+
+/// Polls a future once without a runtime's help: `Pending` means it waits for an event.
+fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    Pin::new(f).poll(&mut cx)
+}
+
+/// A hang guard for awaits that must complete, not a synchronisation.
+async fn completes<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} never completed"))
+}
+
+#[tokio::test]
+async fn a_producer_beyond_the_block_queue_bound_waits_until_an_ack_frees_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = open(dir.path(), quota_config(FullPolicy::Block));
+    // A quarter of a three-record quota: one waiting record reaches the bound.
+    assert_eq!(outbox.block_queue_bytes(), 3 * frame_len(1) / 4);
+    for n in 1..=3 {
+        outbox.append(record(n)).await.unwrap();
+    }
+    let mut fourth = outbox.append(record(4));
+    assert!(
+        poll_once(&mut fourth).is_pending(),
+        "no space for the fourth"
+    );
+    assert_eq!(outbox.stats().blocked_bytes, frame_len(4));
+
+    // The next producer is held before its append, so nothing more is buffered.
+    let mut producer = Box::pin({
+        let outbox = outbox.clone();
+        async move {
+            outbox.wait_for_room(record_size(&record(5))).await;
+            outbox.append(record(5)).await
+        }
+    });
+    assert!(poll_once(&mut producer).is_pending());
+    let s = outbox.stats();
+    assert_eq!((s.blocked, s.depth, s.queued), (1, 3, 0), "{s:?}");
+
+    assert!(outbox.ack(1), "the upstream acknowledges the oldest");
+    assert_eq!(completes("the fourth", fourth).await.unwrap(), 4);
+    // The producer gets past the gate; its record then waits for space in turn.
+    let mut fifth = Box::pin(completes("the producer", producer));
+    assert!(poll_once(&mut fifth).is_pending());
+    assert!(outbox.ack(2));
+    assert_eq!(fifth.await.unwrap(), 5);
+    assert_eq!(pending_ids(&outbox), vec![3, 4, 5]);
+    let s = outbox.stats();
+    assert_eq!((s.blocked, s.blocked_bytes, s.dropped_newest), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn producers_waiting_for_room_are_released_when_the_outbox_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = open(dir.path(), quota_config(FullPolicy::Block));
+    for n in 1..=3 {
+        outbox.append(record(n)).await.unwrap();
+    }
+    let fourth = outbox.append(record(4));
+    let mut waiting = Box::pin({
+        let outbox = outbox.clone();
+        async move { outbox.wait_for_room(frame_len(5)).await }
+    });
+    assert!(poll_once(&mut waiting).is_pending());
+    outbox.clone().close().await.unwrap();
+    completes("the waiting producer", waiting).await;
+    assert!(matches!(fourth.await, Err(AppendError::Closed(_))));
+}
+
+#[test]
+fn the_block_queue_bound_is_a_quarter_of_the_quota_up_to_4_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = open(dir.path(), fast_config());
+    assert_eq!(outbox.block_queue_bytes(), BLOCK_QUEUE_MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let config = OutboxConfig {
+        max_bytes: 64 * 1024,
+        ..fast_config()
+    };
+    let (outbox, _) = open(dir.path(), config);
+    assert_eq!(outbox.block_queue_bytes(), 16 * 1024);
 }

@@ -84,7 +84,13 @@ impl Writer {
             };
             self.commit(ops);
         }
-        let blocked: Vec<_> = self.inner.lock().blocked.drain(..).collect();
+        let blocked: Vec<_> = {
+            let mut s = self.inner.lock();
+            s.log_held_drops(true);
+            s.blocked_bytes = 0;
+            s.blocked.drain(..).collect()
+        };
+        self.inner.room.notify_waiters();
         for b in blocked {
             let _ = b.done.send(Err(AppendError::Closed(b.record)));
         }
@@ -104,6 +110,7 @@ impl Writer {
             {
                 if s.expire(now_ms(), max_age) > 0 {
                     s.admit_blocked(config.max_bytes);
+                    self.inner.room.notify_waiters();
                 }
                 *next_expiry = now + EXPIRY_INTERVAL;
             }
@@ -114,6 +121,11 @@ impl Writer {
                 || s.queued_record_bytes >= config.commit_bytes
                 || due.is_some_and(|d| d <= now)
             {
+                if !s.ops.is_empty() || s.closing {
+                    // Drop counters ride with a commit that happens anyway.
+                    s.queue_drop_counters();
+                    s.log_held_drops(false);
+                }
                 if s.ops.is_empty() {
                     if s.closing {
                         return None;
@@ -302,7 +314,14 @@ impl Writer {
                 // A burst may have gone over the quota while this batch was being written:
                 // now that its records are indexed, drop the oldest first.
                 if self.inner.config.when_full == crate::outbox::FullPolicy::DropOldest {
-                    s.trim_to_quota(max_bytes);
+                    s.trim_to_quota(max_bytes, 0);
+                }
+                // Forget reservations once nothing waits for space: one whose append never came
+                // would otherwise hold room for good. (One still on its way is then not counted,
+                // an overshoot of at most what is in transit.)
+                if s.blocked.is_empty() && s.reserved_bytes > 0 {
+                    s.reserved_bytes = 0;
+                    self.inner.room.notify_waiters();
                 }
                 // Older segments with nothing pending are covered by this segment's head.
                 for (&n, &live) in &s.seg_live {
@@ -323,7 +342,9 @@ impl Writer {
                         s.durable_next = s.durable_next.max(id + 1);
                     }
                 }
-                s.admit_blocked(max_bytes);
+                if s.admit_blocked(max_bytes) {
+                    self.inner.room.notify_waiters();
+                }
             }
         }
         let durable_next = s.durable_next;

@@ -308,6 +308,14 @@ mod tests {
         FrameId { boot_id, seq }
     }
 
+    /// A registry restored from the outbox state `r` commits for node "1" (after a crash).
+    fn recovered(r: &Registry, partial: Option<Partial>) -> Registry {
+        let (key, value) = r.dedupe_state("1", partial).unwrap();
+        let mut back = Registry::default();
+        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        back
+    }
+
     #[test]
     fn a_retransmitted_frame_is_a_duplicate() {
         let mut r = Registry::default();
@@ -360,9 +368,7 @@ mod tests {
         let mut r = Registry::default();
         r.check("1", f(7, 10));
         r.check("1", f(7, 12));
-        let (key, value) = r.dedupe_state("1", None).unwrap();
-        let mut back = Registry::default();
-        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        let mut back = recovered(&r, None);
         assert_eq!(back.check("1", f(7, 12)), Verdict::Duplicate);
         assert_eq!(back.check("1", f(7, 11)), Verdict::New);
         assert_eq!(back.check("1", f(7, 10)), Verdict::Duplicate);
@@ -377,9 +383,7 @@ mod tests {
             frame: f(7, 11),
             done: 2,
         };
-        let (key, value) = r.dedupe_state("1", Some(partial)).unwrap();
-        let mut back = Registry::default();
-        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        let mut back = recovered(&r, Some(partial));
         assert_eq!(back.check("1", f(7, 10)), Verdict::Duplicate);
         assert_eq!(back.take_partial("1", f(7, 10)), None);
         assert_eq!(
@@ -400,14 +404,10 @@ mod tests {
             frame: f(7, 11),
             done: 1,
         });
-        let (key, value) = r.dedupe_state("1", partial).unwrap();
-        let mut back = Registry::default();
-        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        let mut back = recovered(&r, partial);
         // Another frame first, and a second crash before frame 11 comes again.
         back.check("1", f(7, 12));
-        let (key, value) = back.dedupe_state("1", None).unwrap();
-        let mut again = Registry::default();
-        again.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        let mut again = recovered(&back, None);
         assert_eq!(again.check("1", f(7, 12)), Verdict::Duplicate);
         assert_eq!(again.check("1", f(7, 11)), Verdict::New);
         assert_eq!(again.take_partial("1", f(7, 11)), Some(1));

@@ -255,15 +255,8 @@ async fn a_sigkilled_gateway_forwards_every_acknowledged_node_frame_exactly_once
     let (progress_tx, mut progress) = watch::channel(0usize);
     let nodes = tokio::spawn(run_nodes(wr, frames_rx, gw.starts.subscribe(), progress_tx));
     let total = (NODES * FRAMES) as usize;
-    for k in 1..=KILLS {
-        let at = total * k as usize / (KILLS as usize + 1);
-        tokio::time::timeout(Duration::from_secs(60), progress.wait_for(|&d| d >= at))
-            .await
-            .unwrap_or_else(|_| panic!("nodes stuck before kill {k}:\n{}", gw.log()))
-            .unwrap();
-        gw.kill9().await;
-        gw.start_again().await;
-    }
+    gw.kill_along(KILLS, total, &mut progress, Duration::from_secs(60))
+        .await;
     let tally = tokio::time::timeout(Duration::from_secs(60), nodes)
         .await
         .unwrap_or_else(|_| panic!("the nodes did not finish:\n{}", gw.log()))
@@ -292,17 +285,7 @@ async fn a_sigkilled_gateway_forwards_every_acknowledged_node_frame_exactly_once
     sink.wait(
         &format!("the {} forwarded readings and the marker", want.len()),
         Duration::from_secs(60),
-        |s| {
-            let got: HashSet<(&str, &str)> = s
-                .msgs
-                .iter()
-                .map(|m| (m.topic.as_str(), m.payload.as_str()))
-                .collect();
-            got.contains(&(marker.0.as_str(), marker.1.as_str()))
-                && want
-                    .iter()
-                    .all(|(t, p)| got.contains(&(t.as_str(), p.as_str())))
-        },
+        |s| s.has_all(&want) && s.has_all([&marker]),
     )
     .await;
 

@@ -271,15 +271,8 @@ async fn kill_while_streaming(qos: u8, n: u32, kills: u32) -> (usize, Produced) 
         out.clone(),
         progress_tx,
     ));
-    for k in 1..=kills {
-        let at = (n as usize) * k as usize / (kills as usize + 1);
-        tokio::time::timeout(Duration::from_secs(30), progress.wait_for(|&d| d >= at))
-            .await
-            .unwrap_or_else(|_| panic!("stream stuck before kill {k}:\n{}", gw.log()))
-            .unwrap();
-        gw.kill9().await;
-        gw.start_again().await;
-    }
+    gw.kill_along(kills, n as usize, &mut progress, Duration::from_secs(30))
+        .await;
     tokio::time::timeout(Duration::from_secs(40), producer)
         .await
         .unwrap_or_else(|_| panic!("the producer did not finish:\n{}", gw.log()))
@@ -297,15 +290,7 @@ async fn kill_while_streaming(qos: u8, n: u32, kills: u32) -> (usize, Produced) 
     sink.wait(
         &format!("the {} acknowledged messages", want.len()),
         Duration::from_secs(30),
-        |s| {
-            let got: HashSet<(&str, &str)> = s
-                .msgs
-                .iter()
-                .map(|m| (m.topic.as_str(), m.payload.as_str()))
-                .collect();
-            want.iter()
-                .all(|(t, p)| got.contains(&(t.as_str(), p.as_str())))
-        },
+        |s| s.has_all(&want),
     )
     .await;
 

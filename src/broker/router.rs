@@ -1224,30 +1224,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn state_riding_on_a_stored_message_is_committed_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut router, outbox) = router(dir.path());
-        assert!(publish_with_state(&mut router, "sensors/a", QoS::ExactlyOnce, b"one").await);
-        assert_eq!(outbox.state(KEY).as_deref(), Some(&b"one"[..]));
-        assert_eq!(outbox.stats().depth, 1);
-    }
-
-    #[tokio::test]
-    async fn state_riding_on_a_message_no_out_rule_selects_is_committed_on_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut router, outbox) = router(dir.path());
-        assert!(publish_with_state(&mut router, "local/a", QoS::ExactlyOnce, b"two").await);
-        assert_eq!(outbox.state(KEY).as_deref(), Some(&b"two"[..]));
-        assert_eq!(outbox.stats().depth, 0, "nothing forwarded");
-    }
-
-    #[tokio::test]
-    async fn state_riding_on_an_unstored_qos0_message_is_committed_on_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut router, outbox) = router(dir.path());
-        assert!(publish_with_state(&mut router, "sensors/a", QoS::AtMostOnce, b"three").await);
-        assert_eq!(outbox.state(KEY).as_deref(), Some(&b"three"[..]));
-        assert_eq!(outbox.stats().depth, 0, "QoS 0 is not stored");
+    async fn state_riding_on_a_message_is_committed_whether_the_message_is_stored_or_not() {
+        // (topic, QoS, records stored): forwarded at QoS 2; no out-rule; QoS 0, not stored.
+        let cases = [
+            ("sensors/a", QoS::ExactlyOnce, 1),
+            ("local/a", QoS::ExactlyOnce, 0),
+            ("sensors/a", QoS::AtMostOnce, 0),
+        ];
+        for (topic, qos, depth) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut router, outbox) = router(dir.path());
+            let state = format!("{topic} {qos:?}");
+            assert!(publish_with_state(&mut router, topic, qos, state.as_bytes()).await);
+            assert_eq!(
+                outbox.state(KEY).as_deref(),
+                Some(state.as_bytes()),
+                "{topic} at {qos:?}: the producer was told before its state was durable"
+            );
+            assert_eq!(outbox.stats().depth, depth, "{topic} at {qos:?}");
+        }
     }
 
     #[tokio::test]

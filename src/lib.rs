@@ -385,7 +385,7 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
     if let Some(ob) = &outbox {
         registry.restore_dedupe(&ob.states());
     }
-    let (failed_tx, failed_rx) = tokio::sync::mpsc::channel(64);
+    let (settled_tx, settled_rx) = tokio::sync::mpsc::channel(pipeline::SETTLED_QUEUE);
     let probe = health::PipelineProbe::default();
     let pipeline = pipeline::Pipeline {
         probe: probe.clone(),
@@ -400,8 +400,9 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
         next_seq: 0,
         hello_requested: Default::default(),
         pending_commands: Default::default(),
-        failed_tx,
-        failed_rx,
+        settled_tx,
+        settled_rx,
+        unsettled: Default::default(),
         uplink: match (&uplink, &outbox) {
             (Some(u), Some(ob)) => Some((u.stats.clone(), ob.clone())),
             _ => None,

@@ -16,7 +16,7 @@ use crate::broker::InternalMessage;
 use crate::decode::{Body, FrameId, NodeCommand, Observation, SensorInfo};
 use crate::ingest::{Downlink, Inbound, PortStats, now_ms};
 use crate::map::{FrameFacts, Mapping};
-use crate::registry::{Registry, Verdict};
+use crate::registry::{Partial, Registry, Verdict};
 
 pub struct Pipeline {
     pub mapping: Arc<Mapping>,
@@ -34,9 +34,13 @@ pub struct Pipeline {
     pub hello_requested: HashSet<(String, u32)>,
     /// Commands sent and not yet answered, by (node, seq): their names for the result.
     pub pending_commands: HashMap<(String, u32), &'static str>,
-    /// Frames whose readings could not be made durable, to forget in the dedupe window.
-    pub failed_tx: mpsc::Sender<(String, FrameId)>,
-    pub failed_rx: mpsc::Receiver<(String, FrameId)>,
+    /// Frames whose `Ack` waited for the outbox, once it is settled: `false` when they could
+    /// not be made durable, to forget in the dedupe window.
+    pub settled_tx: mpsc::Sender<(String, FrameId, bool)>,
+    pub settled_rx: mpsc::Receiver<(String, FrameId, bool)>,
+    /// Frames whose `Ack` waits for the outbox, by node: a retransmission of one is answered by
+    /// the original's `Ack` once it is durable, not at once (invariant 1).
+    pub unsettled: HashMap<String, Vec<FrameId>>,
     /// The uplink's counters and the outbox, for `$SYS/sensorgate/...`.
     pub uplink: Option<(Arc<crate::uplink::UplinkStats>, crate::outbox::Outbox)>,
     /// Device tasks (issue 6): the watchdog's evidence that this loop turns, and the registry.
@@ -60,6 +64,10 @@ const INBOUND_BATCH: usize = 256;
 
 /// Commands waiting for the pipeline.
 pub const COMMAND_QUEUE: usize = 64;
+
+/// Settled frames waiting for the pipeline; a frame's durability task waits for room, which
+/// only delays its report, never its `Ack` (sent first).
+pub const SETTLED_QUEUE: usize = 256;
 
 /// `sensorgate/<gateway>/nodes/+/set/+`: where MQTT clients send node commands.
 pub fn command_filter(gateway: &str) -> String {
@@ -96,7 +104,9 @@ impl Pipeline {
                 Ok(()) = port_updates.changed() => {
                     self.ports = port_updates.borrow_and_update().clone();
                 }
-                Some((node, frame)) = self.failed_rx.recv() => self.registry.forget(&node, frame),
+                Some((node, frame, durable)) = self.settled_rx.recv() => {
+                    self.settled(&node, frame, durable);
+                }
                 changed = mapping_updates.changed() => {
                     if changed.is_ok() {
                         self.mapping = mapping_updates.borrow_and_update().clone();
@@ -146,8 +156,13 @@ impl Pipeline {
             }
             if verdict == Verdict::Duplicate {
                 stats.duplicates.fetch_add(1, Relaxed);
-                // The node repeats a frame when our ack was lost: acknowledge it again.
-                if matches!(obs.body, Body::Readings(_)) {
+                // The node repeats a frame when our ack was lost: acknowledge it again, unless
+                // the original is not durable yet; its own ack follows once it is.
+                let unsettled = self
+                    .unsettled
+                    .get(obs.node.as_str())
+                    .is_some_and(|f| f.contains(&frame));
+                if !unsettled && matches!(obs.body, Body::Readings(_)) {
                     let _ = reply.try_send(Downlink::Ack {
                         node: obs.node.clone(),
                         frame,
@@ -188,15 +203,27 @@ impl Pipeline {
                     }
                 }
                 let mut durable = Vec::with_capacity(readings.len());
-                // The node's dedupe window rides with the frame's last forwarded reading, so a
-                // crash cannot keep the records but lose the knowledge that they were seen.
+                // The node's dedupe window rides with the frame's last mapped reading; the
+                // router commits it on its own if that reading is not stored, and so does an
+                // explicit commit when nothing is mapped. Either way it is durable with the
+                // frame's records and before the ack, so a crash cannot keep the records (or
+                // the ack) but lose the knowledge that the frame was seen (invariant 3). The
+                // readings before the last carry the frame's progress, for a crash between two
+                // outbox commits: the retransmission then publishes only the rest.
                 let dedupe = match (&self.uplink, frame) {
-                    (Some(_), Some(_)) => self.registry.dedupe_state(&node),
+                    (Some(_), Some(_)) => self.registry.dedupe_state(&node, None),
                     _ => None,
                 };
-                let count = readings.len();
+                let skip = match (&dedupe, frame) {
+                    (Some(_), Some(f)) => self.registry.take_partial(&node, f).unwrap_or(0),
+                    _ => 0,
+                };
                 let known = self.registry.get(&node).map(|r| &r.sensors);
-                for (i, mut reading) in readings.into_iter().enumerate() {
+                // Each mapped reading is published once the next one is mapped, so the last
+                // one is known when it goes.
+                let mut held = None;
+                let mut mapped = 0u32;
+                for mut reading in readings {
                     if reading.quantity.is_none() {
                         if let Some(info) = known.and_then(|k| k.get(&reading.channel)) {
                             reading.quantity = Some(info.quantity.clone());
@@ -206,6 +233,11 @@ impl Pipeline {
                     let Some(p) = self.mapping.map(&port, &node, &reading, facts) else {
                         continue;
                     };
+                    mapped += 1;
+                    if mapped <= skip {
+                        // Durable before a crash: not again.
+                        continue;
+                    }
                     if self.uplink.is_none() {
                         // Nothing is forwarded: accepted by the broker is all there is to wait for.
                         if self
@@ -218,33 +250,61 @@ impl Pipeline {
                         }
                         continue;
                     }
-                    let state = if i + 1 == count { dedupe.clone() } else { None };
-                    match self
-                        .broker
-                        .publish_durable(p.topic, p.payload, p.qos, p.retain, state)
-                        .await
-                    {
-                        Ok(done) => durable.push(done),
-                        Err(_) => return false,
+                    if let Some(p) = held.replace(p) {
+                        let progress = frame.and_then(|frame| {
+                            let done = mapped - 1;
+                            let partial = Some(Partial { frame, done });
+                            self.registry.dedupe_state(&node, partial)
+                        });
+                        match self.publish_durable(p, progress).await {
+                            Some(done) => durable.push(done),
+                            None => return false,
+                        }
                     }
                 }
+                let last = match (held, dedupe) {
+                    (Some(p), state) => Some(self.publish_durable(p, state).await),
+                    (None, Some(state)) => Some(self.broker.commit_state(state).await.ok()),
+                    (None, None) => None,
+                };
+                match last {
+                    Some(Some(done)) => durable.push(done),
+                    Some(None) => return false,
+                    None => {}
+                }
                 // Published in order into the broker. The node's ack waits until every reading
-                // of the frame is durable in the outbox (invariant 1); until then the node keeps
-                // the frame and retransmits it, and dedupe keeps that exactly once.
+                // of the frame and its dedupe window are durable in the outbox (invariant 1);
+                // until then the node keeps the frame and retransmits it, and dedupe keeps that
+                // exactly once.
                 if let (Some(frame), true) = (frame, durable.is_empty()) {
                     let _ = reply.try_send(Downlink::Ack { node, frame });
                 } else if let Some(frame) = frame {
-                    let failed = self.failed_tx.clone();
+                    match self.unsettled.get_mut(node.as_str()) {
+                        Some(frames) => frames.push(frame),
+                        None => {
+                            self.unsettled.insert(node.clone(), vec![frame]);
+                        }
+                    }
+                    let settled = self.settled_tx.clone();
                     tokio::spawn(async move {
+                        let mut ok = true;
                         for done in durable {
                             if !matches!(done.await, Ok(true)) {
                                 // Not stored: no ack, and the retransmission must not be
                                 // taken for a duplicate.
-                                let _ = failed.send((node, frame)).await;
-                                return;
+                                ok = false;
+                                break;
                             }
                         }
-                        let _ = reply.send(Downlink::Ack { node, frame }).await;
+                        if ok {
+                            let _ = reply
+                                .send(Downlink::Ack {
+                                    node: node.clone(),
+                                    frame,
+                                })
+                                .await;
+                        }
+                        let _ = settled.send((node, frame, ok)).await;
                     });
                 }
             }
@@ -287,6 +347,32 @@ impl Pipeline {
             Body::Hello { .. } | Body::Heartbeat { .. } => {}
         }
         true
+    }
+
+    /// Publishes a reading whose durability the frame's ack waits for; `None` when the
+    /// broker has stopped.
+    async fn publish_durable(
+        &self,
+        p: crate::map::Publication,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+        self.broker
+            .publish_durable(p.topic, p.payload, p.qos, p.retain, state)
+            .await
+            .ok()
+    }
+
+    /// A frame whose ack waited for the outbox is settled: acknowledged if `durable`, else
+    /// forgotten so that its retransmission is taken as new.
+    fn settled(&mut self, node: &str, frame: FrameId, durable: bool) {
+        if let Some(frames) = self.unsettled.get_mut(node) {
+            if let Some(i) = frames.iter().position(|f| *f == frame) {
+                frames.swap_remove(i);
+            }
+        }
+        if !durable {
+            self.registry.forget(node, frame);
+        }
     }
 
     fn update_registry(&mut self, port: &str, obs: &Observation, now: u64) {

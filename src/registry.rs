@@ -44,6 +44,17 @@ pub struct NodeRecord {
     pub link: Option<LinkQuality>,
     pub frames: u64,
     pub duplicates: u64,
+    /// A frame of which only a first part is durable, recovered from the outbox.
+    #[serde(skip)]
+    pub partial: Option<Partial>,
+}
+
+/// A frame whose first `done` mapped readings are durable and the rest are not (a crash came
+/// between two outbox commits): its retransmission is new, but only the rest is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partial {
+    pub frame: FrameId,
+    pub done: u32,
 }
 
 /// The registry's judgement of a numbered frame.
@@ -142,27 +153,35 @@ impl Registry {
         rec
     }
 
-    /// The dedupe window of `node`, for the outbox state committed with its records.
-    pub fn dedupe_state(&self, node: &str) -> Option<(String, Vec<u8>)> {
+    /// The dedupe window of `node`, for the outbox state committed with its records. With
+    /// `partial` (or a recovered partial frame still waiting for its retransmission), the frame
+    /// it names counts as seen only up to its `done` mapped readings.
+    pub fn dedupe_state(&self, node: &str, partial: Option<Partial>) -> Option<(String, Vec<u8>)> {
         let r = self.nodes.get(node)?;
-        let mut v = Vec::with_capacity(25);
+        let partial = partial.or(r.partial);
+        let mut v = Vec::with_capacity(30);
         v.extend_from_slice(&r.boot_id.unwrap_or(0).to_le_bytes());
         v.push(u8::from(r.boot_id.is_some()));
         v.extend_from_slice(&r.previous_boot_id.unwrap_or(0).to_le_bytes());
         v.push(u8::from(r.previous_boot_id.is_some()));
         v.extend_from_slice(&r.highest_seq.to_le_bytes());
         v.extend_from_slice(&r.seen.to_le_bytes());
+        if let Some(p) = partial {
+            v.extend_from_slice(&p.frame.seq.to_le_bytes());
+            v.extend_from_slice(&p.done.to_le_bytes());
+        }
         Some((format!("{DEDUPE_STATE_PREFIX}{node}"), v))
     }
 
-    /// Restores dedupe windows committed with outbox records: they are as new as the records
-    /// the frames produced, so a retransmit after a crash is recognised.
+    /// Restores dedupe windows committed with outbox records. The outbox is authoritative:
+    /// every frame is committed there before its ack, while `nodes.json` may be older, or newer
+    /// by frames that never became durable (those must be taken as new when retransmitted).
     pub fn restore_dedupe(&mut self, states: &[(String, bytes::Bytes)]) {
         for (key, v) in states {
             let Some(node) = key.strip_prefix(DEDUPE_STATE_PREFIX) else {
                 continue;
             };
-            if v.len() != 22 {
+            if v.len() != 22 && v.len() != 30 {
                 continue;
             }
             let u32_at = |i: usize| u32::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
@@ -173,16 +192,36 @@ impl Registry {
             seen.copy_from_slice(&v[14..22]);
             let seen = u64::from_le_bytes(seen);
             let rec = self.nodes.entry(node.to_string()).or_default();
-            // The registry file may be older or newer; the outbox is authoritative for what was
-            // forwarded, so take the union of what either has seen in the same boot.
-            if rec.boot_id == boot && highest <= rec.highest_seq {
-                continue;
-            }
             rec.boot_id = boot;
             rec.previous_boot_id = prev;
             rec.highest_seq = highest;
             rec.seen = seen;
+            rec.partial = None;
+            if let (30, Some(boot_id)) = (v.len(), boot) {
+                let frame = FrameId {
+                    boot_id,
+                    seq: u32_at(22),
+                };
+                unmark(rec, frame);
+                rec.partial = Some(Partial {
+                    frame,
+                    done: u32_at(26),
+                });
+            }
             self.dirty = true;
+        }
+    }
+
+    /// How many mapped readings of `frame` are durable already, if a crash left only a first
+    /// part of it in the outbox; asked once, when its retransmission arrives.
+    pub fn take_partial(&mut self, node: &str, frame: FrameId) -> Option<u32> {
+        let rec = self.nodes.get_mut(node)?;
+        match rec.partial {
+            Some(p) if p.frame == frame => {
+                rec.partial = None;
+                Some(p.done)
+            }
+            _ => None,
         }
     }
 
@@ -190,12 +229,8 @@ impl Registry {
     /// retransmission must be taken as new.
     pub fn forget(&mut self, node: &str, frame: FrameId) {
         if let Some(rec) = self.nodes.get_mut(node) {
-            if rec.boot_id == Some(frame.boot_id) && frame.seq <= rec.highest_seq {
-                let age = rec.highest_seq - frame.seq;
-                if age < WINDOW {
-                    rec.seen &= !(1u64 << age);
-                    self.dirty = true;
-                }
+            if unmark(rec, frame) {
+                self.dirty = true;
             }
         }
     }
@@ -210,6 +245,19 @@ impl Registry {
         }
         verdict
     }
+}
+
+/// Clears `frame` from the window; false if it is not in it.
+fn unmark(rec: &mut NodeRecord, frame: FrameId) -> bool {
+    if rec.boot_id != Some(frame.boot_id) || frame.seq > rec.highest_seq {
+        return false;
+    }
+    let age = rec.highest_seq - frame.seq;
+    if age >= WINDOW {
+        return false;
+    }
+    rec.seen &= !(1u64 << age);
+    true
 }
 
 fn judge(rec: &mut NodeRecord, frame: FrameId) -> Verdict {
@@ -258,6 +306,14 @@ mod tests {
 
     fn f(boot_id: u32, seq: u32) -> FrameId {
         FrameId { boot_id, seq }
+    }
+
+    /// A registry restored from the outbox state `r` commits for node "1" (after a crash).
+    fn recovered(r: &Registry, partial: Option<Partial>) -> Registry {
+        let (key, value) = r.dedupe_state("1", partial).unwrap();
+        let mut back = Registry::default();
+        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        back
     }
 
     #[test]
@@ -312,12 +368,67 @@ mod tests {
         let mut r = Registry::default();
         r.check("1", f(7, 10));
         r.check("1", f(7, 12));
-        let (key, value) = r.dedupe_state("1").unwrap();
-        let mut back = Registry::default();
-        back.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        let mut back = recovered(&r, None);
         assert_eq!(back.check("1", f(7, 12)), Verdict::Duplicate);
         assert_eq!(back.check("1", f(7, 11)), Verdict::New);
         assert_eq!(back.check("1", f(7, 10)), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_frame_recovered_in_part_is_new_again_and_only_its_rest_is_published() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 10));
+        r.check("1", f(7, 11));
+        let partial = Partial {
+            frame: f(7, 11),
+            done: 2,
+        };
+        let mut back = recovered(&r, Some(partial));
+        assert_eq!(back.check("1", f(7, 10)), Verdict::Duplicate);
+        assert_eq!(back.take_partial("1", f(7, 10)), None);
+        assert_eq!(
+            back.check("1", f(7, 11)),
+            Verdict::New,
+            "only part of it is durable"
+        );
+        assert_eq!(back.take_partial("1", f(7, 11)), Some(2));
+        assert_eq!(back.take_partial("1", f(7, 11)), None, "asked once");
+        assert_eq!(back.check("1", f(7, 11)), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_recovered_partial_frame_rides_with_the_next_window_until_it_is_retransmitted() {
+        let mut r = Registry::default();
+        r.check("1", f(7, 11));
+        let partial = Some(Partial {
+            frame: f(7, 11),
+            done: 1,
+        });
+        let mut back = recovered(&r, partial);
+        // Another frame first, and a second crash before frame 11 comes again.
+        back.check("1", f(7, 12));
+        let mut again = recovered(&back, None);
+        assert_eq!(again.check("1", f(7, 12)), Verdict::Duplicate);
+        assert_eq!(again.check("1", f(7, 11)), Verdict::New);
+        assert_eq!(again.take_partial("1", f(7, 11)), Some(1));
+    }
+
+    #[test]
+    fn the_outbox_window_wins_over_a_registry_file_that_saw_more() {
+        // The file was saved while frame 12 was read but not yet durable, then the gateway died.
+        let mut durable = Registry::default();
+        durable.check("1", f(7, 11));
+        let (key, value) = durable.dedupe_state("1", None).unwrap();
+        let mut from_file = Registry::default();
+        from_file.check("1", f(7, 11));
+        from_file.check("1", f(7, 12));
+        from_file.restore_dedupe(&[(key, bytes::Bytes::from(value))]);
+        assert_eq!(from_file.check("1", f(7, 11)), Verdict::Duplicate);
+        assert_eq!(
+            from_file.check("1", f(7, 12)),
+            Verdict::New,
+            "never durable, never acknowledged: its retransmission is new"
+        );
     }
 
     #[test]

@@ -1,71 +1,20 @@
 //! Serial ingest end to end: real pseudo-terminals as serial ports, real frames in, a real MQTT
 //! subscriber (rumqttc) asserting topics and payloads out.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use sensorgate_wire as wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_serial::{SerialPort, SerialStream};
+use tokio_serial::SerialStream;
+
+use common::node::{Pty, frame, hello, pty_at, readings};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A pseudo-terminal: the test writes to `master`; the gateway opens `link`, a symlink to the
-/// slave side, the way `/dev/serial/by-id/...` links name USB adapters.
-struct Pty {
-    master: SerialStream,
-    _slave: SerialStream,
-}
-
-fn pty_at(link: &Path) -> Pty {
-    let (master, slave) = SerialStream::pair().expect("pseudo-terminal pair");
-    let target = slave.name().expect("slave has a path");
-    let _ = std::fs::remove_file(link);
-    std::os::unix::fs::symlink(&target, link).expect("symlink");
-    Pty {
-        master,
-        _slave: slave,
-    }
-}
-
-fn frame(node: u32, boot: u32, seq: u32, body: wire::Body) -> Vec<u8> {
-    let f = wire::Frame::new(wire::Header::new(node, boot, seq), body);
-    let mut buf = [0u8; wire::MAX_FRAME];
-    wire::encode(&f, &mut buf).expect("encodes").to_vec()
-}
-
-fn hello() -> wire::Body {
-    let mut sensors = wire::heapless::Vec::new();
-    let _ = sensors.push(wire::SensorInfo {
-        channel: 0,
-        quantity: wire::Quantity::Temperature,
-        unit: wire::Unit::DegreeCelsius,
-    });
-    let _ = sensors.push(wire::SensorInfo {
-        channel: 1,
-        quantity: wire::Quantity::Humidity,
-        unit: wire::Unit::PercentRh,
-    });
-    wire::Body::Hello(wire::Hello {
-        firmware: wire::FirmwareVersion {
-            major: 1,
-            minor: 2,
-            patch: 3,
-        },
-        report_interval_s: 60,
-        sensors,
-    })
-}
-
-fn readings(values: &[(u8, i32, i8)]) -> wire::Body {
-    let list: Vec<wire::Reading> = values
-        .iter()
-        .map(|&(c, m, e)| wire::Reading::new(c, m, e))
-        .collect();
-    wire::Body::Readings(wire::Readings::from_slice(&list).expect("fits"))
-}
 
 struct Setup {
     gw: sensorgate::Gateway,
@@ -644,7 +593,7 @@ async fn a_busy_port_that_vanishes_is_reopened() {
     acks_for(&mut master, (1..=300).collect()).await;
     // Unplugged while busy.
     drop(master);
-    drop(pty._slave);
+    drop(pty.slave);
     let _ = std::fs::remove_file(&s.link);
     let mut pty = pty_at(&s.link);
     wait_opens(&stats, 2).await;

@@ -93,13 +93,7 @@ async fn wait_all(sink: &Sink, sent: &[(String, String)]) {
         .map(|(t, p)| (upstream_topic(t), p.clone()))
         .collect();
     sink.wait(&format!("{} messages", want.len()), LONG, |s| {
-        let got: HashSet<(&str, &str)> = s
-            .msgs
-            .iter()
-            .map(|m| (m.topic.as_str(), m.payload.as_str()))
-            .collect();
-        want.iter()
-            .all(|(t, p)| got.contains(&(t.as_str(), p.as_str())))
+        s.has_all(&want)
     })
     .await;
 }

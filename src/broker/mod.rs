@@ -157,6 +157,21 @@ impl BrokerHandle {
         Ok(rx)
     }
 
+    /// Commits outbox state on its own, after every message published before it; the receiver
+    /// says `true` once it is durable (at once when there is no outbox). A node's dedupe window
+    /// when none of its frame's readings is published.
+    pub async fn commit_state(
+        &self,
+        state: (String, Vec<u8>),
+    ) -> Result<oneshot::Receiver<bool>, Stopped> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::CommitState { state, done })
+            .await
+            .map_err(|_| Stopped)?;
+        Ok(rx)
+    }
+
     /// A message from the upstream broker (`in` rules): published locally, never forwarded
     /// back upstream.
     pub async fn publish_from_upstream(

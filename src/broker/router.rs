@@ -68,9 +68,15 @@ pub enum Command {
         /// Told `true` once the message is durable where it has to be (the outbox, when an
         /// out-rule forwards it), `false` if it could not be stored.
         done: Option<oneshot::Sender<bool>>,
-        /// Outbox state committed atomically with the message when it is forwarded (a node's
-        /// dedupe window, invariant 3).
+        /// Outbox state committed atomically with the message when it is stored, and on its
+        /// own before `done` when the message is not (a node's dedupe window, invariant 3).
         state: Option<(String, Vec<u8>)>,
+    },
+    /// Outbox state to commit on its own, in order with the messages before it; `done` is told
+    /// whether it is durable (a node's dedupe window for a frame with nothing to forward).
+    CommitState {
+        state: (String, Vec<u8>),
+        done: oneshot::Sender<bool>,
     },
     /// The outbox committed (or failed to commit) what acknowledgement `token` of `conn` waits for.
     Durable {
@@ -366,21 +372,23 @@ impl Router {
                 }
                 let msg = Arc::new(Message { topic, payload });
                 self.publish(msg.clone(), qos, retain);
+                let mut state = state;
                 let wait = match origin {
-                    Origin::Gateway => self.forward(&msg, qos, retain, state),
+                    Origin::Gateway => self.forward(&msg, qos, retain, &mut state),
                     Origin::Upstream => None,
                 };
-                match (done, wait) {
-                    (Some(d), Some(w)) => {
-                        tokio::spawn(async move {
-                            let _ = d.send(w.await);
-                        });
-                    }
-                    (Some(d), None) => {
-                        let _ = d.send(true);
-                    }
-                    (None, _) => {}
-                }
+                // Not stored (no out-rule, QoS 0 sent live): the state still has to be durable
+                // before the producer is told, or a crash forgets what the stored part of its
+                // frame already holds.
+                let wait = match state {
+                    Some(state) => self.commit_state(state),
+                    None => wait,
+                };
+                tell_when_durable(done, wait);
+            }
+            Command::CommitState { state, done } => {
+                let wait = self.commit_state(state);
+                tell_when_durable(Some(done), wait);
             }
             Command::Durable { conn, token, ok } => self.on_durable(conn, token, ok),
             Command::SetForward(forward) => {
@@ -557,17 +565,18 @@ impl Router {
         });
         self.publish(msg.clone(), will.qos, will.retain);
         // Nobody waits for a will's durability; the outbox commits it with the next batch.
-        drop(self.forward(&msg, will.qos, will.retain, None));
+        drop(self.forward(&msg, will.qos, will.retain, &mut None));
     }
 
     /// Appends a message an out-rule selects to the outbox; the future completes when it is
-    /// durable. `state` is committed atomically with it (inbound QoS 2 packet ids).
+    /// durable. `state` is taken and committed atomically with it (inbound QoS 2 packet ids, a
+    /// node's dedupe window); it is left in place when the message is not stored.
     fn forward(
         &mut self,
         msg: &Message,
         qos: QoS,
         retain: bool,
-        state: Option<(String, Vec<u8>)>,
+        state: &mut Option<(String, Vec<u8>)>,
     ) -> Option<Durability> {
         let forward = self.forward_config()?;
         let record = forward.record_for(&msg.topic, &msg.payload, qos, retain)?;
@@ -575,7 +584,7 @@ impl Router {
             forward.send_live(record);
             return None;
         }
-        let ticket = match &state {
+        let ticket = match state.take() {
             Some((k, v)) => forward
                 .outbox
                 .append_with_state(record, &[(k.as_str(), v.as_slice())]),
@@ -583,6 +592,22 @@ impl Router {
         };
         let f = forward.clone();
         Some(Box::pin(async move { f.settle(ticket.await) }))
+    }
+
+    /// Commits outbox state on its own, after everything appended before it; `None` without
+    /// an outbox (nothing is forwarded, so there is nothing to keep consistent with).
+    fn commit_state(&self, (key, value): (String, Vec<u8>)) -> Option<Durability> {
+        let forward = self.forward_config()?;
+        let ticket = forward.outbox.put_state(&key, &value);
+        Some(Box::pin(async move {
+            match ticket.await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("the outbox could not store dedupe state: {e}");
+                    false
+                }
+            }
+        }))
     }
 
     fn forward_config(&self) -> Option<Arc<crate::uplink::Forward>> {
@@ -710,10 +735,10 @@ impl Router {
                     // Invariant 1: the acknowledgement waits for the outbox commit; for QoS 2
                     // the packet ids answered with PUBREC are committed with the record
                     // (invariant 3), so a resend after a crash is recognised.
-                    let state = (persistent && qos == QoS::ExactlyOnce)
+                    let mut state = (persistent && qos == QoS::ExactlyOnce)
                         .then(|| self.entry(key).map(|e| qos2_state(&e.state)))
                         .flatten();
-                    wait = self.forward(&msg, qos, retain, state);
+                    wait = self.forward(&msg, qos, retain, &mut state);
                 }
                 match qos {
                     QoS::AtMostOnce => {}
@@ -1089,6 +1114,22 @@ impl Router {
     }
 }
 
+/// Tells `done` (if anyone waits) whether the message is durable: once `wait` completes, or
+/// at once when there is nothing to wait for.
+fn tell_when_durable(done: Option<oneshot::Sender<bool>>, wait: Option<Durability>) {
+    match (done, wait) {
+        (Some(d), Some(w)) => {
+            tokio::spawn(async move {
+                let _ = d.send(w.await);
+            });
+        }
+        (Some(d), None) => {
+            let _ = d.send(true);
+        }
+        (None, _) => {}
+    }
+}
+
 /// Encodes a whole control packet.
 fn frame(packet: &Packet) -> Bytes {
     let mut buf = BytesMut::with_capacity(8);
@@ -1127,4 +1168,100 @@ pub fn qos2_ids(value: &[u8]) -> Vec<u16> {
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backlog, OutRule};
+    use crate::outbox::{Outbox, OutboxConfig};
+
+    const KEY: &str = "dedupe/17";
+
+    /// A router forwarding `sensors/#` at QoS 2 into an outbox in `dir`; QoS 0 is not stored.
+    fn router(dir: &std::path::Path) -> (Router, Outbox) {
+        let (outbox, _) = Outbox::open(dir, OutboxConfig::default()).expect("outbox opens");
+        let (live, _) = mpsc::channel(8);
+        let forward = crate::uplink::Forward {
+            out: vec![OutRule {
+                filter: "sensors/#".into(),
+                local_prefix: String::new(),
+                remote_prefix: String::new(),
+                qos: QoS::ExactlyOnce,
+                backlog: Backlog::All,
+            }],
+            inbound: Vec::new(),
+            outbox: outbox.clone(),
+            store_qos0: false,
+            live,
+            stats: Arc::default(),
+        };
+        let config = RouterConfig {
+            max_inflight: 10,
+            max_queued: 10,
+            sys_interval: Duration::from_secs(60),
+            snapshot_interval: Duration::from_secs(60),
+            forward: Some(Arc::new(forward)),
+        };
+        let router = Router::new(config, Arc::default(), None, Snapshot::default());
+        (router, outbox)
+    }
+
+    /// Publishes like the pipeline does with a frame's last reading, carrying `state`; returns
+    /// what the producer is told.
+    async fn publish_with_state(router: &mut Router, topic: &str, qos: QoS, state: &[u8]) -> bool {
+        let (done, told) = oneshot::channel();
+        router.handle(Command::Publish {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"21.5"),
+            qos,
+            retain: false,
+            origin: Origin::Gateway,
+            done: Some(done),
+            state: Some((KEY.into(), state.to_vec())),
+        });
+        told.await.expect("the router answers")
+    }
+
+    #[tokio::test]
+    async fn state_riding_on_a_message_is_committed_whether_the_message_is_stored_or_not() {
+        // (topic, QoS, records stored): forwarded at QoS 2; no out-rule; QoS 0, not stored.
+        let cases = [
+            ("sensors/a", QoS::ExactlyOnce, 1),
+            ("local/a", QoS::ExactlyOnce, 0),
+            ("sensors/a", QoS::AtMostOnce, 0),
+        ];
+        for (topic, qos, depth) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut router, outbox) = router(dir.path());
+            let state = format!("{topic} {qos:?}");
+            assert!(publish_with_state(&mut router, topic, qos, state.as_bytes()).await);
+            assert_eq!(
+                outbox.state(KEY).as_deref(),
+                Some(state.as_bytes()),
+                "{topic} at {qos:?}: the producer was told before its state was durable"
+            );
+            assert_eq!(outbox.stats().depth, depth, "{topic} at {qos:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn state_committed_on_its_own_survives_a_reopen_after_the_earlier_records() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut router, outbox) = router(dir.path());
+            assert!(publish_with_state(&mut router, "sensors/a", QoS::ExactlyOnce, b"old").await);
+            let (done, told) = oneshot::channel();
+            router.handle(Command::CommitState {
+                state: (KEY.into(), b"new".to_vec()),
+                done,
+            });
+            assert!(told.await.expect("the router answers"));
+            drop(router);
+            outbox.close().await.expect("closes");
+        }
+        let (reopened, _) = Outbox::open(dir.path(), OutboxConfig::default()).unwrap();
+        assert_eq!(reopened.state(KEY).as_deref(), Some(&b"new"[..]));
+        assert_eq!(reopened.stats().depth, 1);
+    }
 }

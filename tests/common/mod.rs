@@ -6,6 +6,7 @@
 //! instead, to check the tests themselves against a reference broker.
 #![allow(dead_code)]
 
+pub mod node;
 pub mod proxy;
 pub mod upstream;
 

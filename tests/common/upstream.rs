@@ -201,6 +201,17 @@ pub struct SinkState {
 }
 
 impl SinkState {
+    /// Whether every `(topic, payload)` of `want` has arrived.
+    pub fn has_all<'a>(&self, want: impl IntoIterator<Item = &'a (String, String)>) -> bool {
+        let got: std::collections::HashSet<(&str, &str)> = self
+            .msgs
+            .iter()
+            .map(|m| (m.topic.as_str(), m.payload.as_str()))
+            .collect();
+        want.into_iter()
+            .all(|(t, p)| got.contains(&(t.as_str(), p.as_str())))
+    }
+
     /// Payloads that arrived on `topic`, in arrival order.
     pub fn payloads(&self, topic: &str) -> Vec<String> {
         self.msgs
@@ -495,6 +506,26 @@ impl GatewayProcess {
     pub async fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.expect("SIGKILL the gateway");
+        }
+    }
+
+    /// SIGKILLs and restarts it `kills` times, each once `progress` (what its clients have
+    /// had acknowledged) reaches the next of `kills` evenly spread points of `total`.
+    pub async fn kill_along(
+        &mut self,
+        kills: u32,
+        total: usize,
+        progress: &mut watch::Receiver<usize>,
+        limit: Duration,
+    ) {
+        for k in 1..=kills {
+            let at = total * k as usize / (kills as usize + 1);
+            tokio::time::timeout(limit, progress.wait_for(|&d| d >= at))
+                .await
+                .unwrap_or_else(|_| panic!("no progress before kill {k}:\n{}", self.log()))
+                .expect("the progress sender lives as long as its clients");
+            self.kill9().await;
+            self.start_again().await;
         }
     }
 

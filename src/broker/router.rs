@@ -244,6 +244,10 @@ impl Router {
             let ids = qos2_ids(&value);
             let session = match self.by_client.get(client) {
                 Some(&k) => k,
+                // No ids awaiting PUBREL: nothing to recognise a resend by, and the client may
+                // since have discarded the session with a clean-session connect. Recreating it
+                // would answer its next connect with a session present that holds nothing.
+                None if ids.is_empty() => continue,
                 None => {
                     let state = SessionState::new(
                         client.to_string(),
@@ -1181,6 +1185,10 @@ mod tests {
     /// A router forwarding `sensors/#` at QoS 2 into an outbox in `dir`; QoS 0 is not stored.
     fn router(dir: &std::path::Path) -> (Router, Outbox) {
         let (outbox, _) = Outbox::open(dir, OutboxConfig::default()).expect("outbox opens");
+        router_over(outbox)
+    }
+
+    fn router_over(outbox: Outbox) -> (Router, Outbox) {
         let (live, _) = mpsc::channel(8);
         let forward = crate::uplink::Forward {
             out: vec![OutRule {
@@ -1243,6 +1251,27 @@ mod tests {
             );
             assert_eq!(outbox.stats().depth, depth, "{topic} at {qos:?}");
         }
+    }
+
+    /// A session the snapshot does not know is recreated from the outbox only if it still has
+    /// inbound QoS 2 ids awaiting PUBREL; an empty state (every id released) brings nothing back.
+    #[tokio::test]
+    async fn only_qos2_ids_awaiting_pubrel_recreate_a_session_the_snapshot_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, outbox) = router(dir.path());
+        let mut waiting = SessionState::new("waiting".into(), false, 10, 10);
+        waiting.inbound_qos2.insert(7);
+        let released = SessionState::new("released".into(), false, 10, 10);
+        for s in [&waiting, &released] {
+            let (k, v) = qos2_state(s);
+            outbox.put_state(&k, &v).await.expect("committed");
+        }
+        let (router, _) = router_over(outbox);
+        assert!(router.by_client.contains_key("waiting"));
+        assert!(
+            !router.by_client.contains_key("released"),
+            "an empty QoS 2 state recreated a session"
+        );
     }
 
     #[tokio::test]

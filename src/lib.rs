@@ -518,6 +518,16 @@ fn random_u32() -> u32 {
 /// configuration file it was started from; a file that fails validation is refused with a log
 /// line and the running configuration stays.
 pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // Signal handlers before anything starts: SIGHUP's and SIGTERM's default action is to end
+    // the process, and the uplink can announce `online` before `start` returns. Polling
+    // `shutdown` once lets it install its handlers (`shutdown_signal` does so when polled).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        biased;
+        _ = &mut shutdown => return Ok(()),
+        _ = std::future::ready(()) => {}
+    }
     let mut gateway = start(config).await?;
     for addr in gateway.local_addrs() {
         tracing::info!(%addr, "MQTT broker listening");
@@ -526,8 +536,6 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> Res
         "READY=1\nSTATUS={}",
         gateway.device.status().summary()
     ));
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,

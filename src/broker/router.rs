@@ -200,7 +200,7 @@ impl Router {
             self_tx: None,
         };
         router.restore(snapshot);
-        router.restore_qos2_from_outbox();
+        router.restore_sessions_from_outbox();
         router
     }
 
@@ -233,36 +233,69 @@ impl Router {
     /// The inbound QoS 2 packet ids committed with outbox records are newer than (or as new as)
     /// the snapshot's, and consistent with the records: they win. A session the snapshot
     /// missed (crash right after it was created) is recreated from them.
-    fn restore_qos2_from_outbox(&mut self) {
+    fn restore_sessions_from_outbox(&mut self) {
         let Some(forward) = self.config.forward.clone() else {
             return;
         };
         for (key, value) in forward.outbox.states() {
+            if let Some(client) = key.strip_prefix(SUBS_STATE_PREFIX) {
+                self.restore_subscriptions(client, &value);
+                continue;
+            }
             let Some(client) = key.strip_prefix(QOS2_STATE_PREFIX) else {
                 continue;
             };
             let ids = qos2_ids(&value);
-            let session = match self.by_client.get(client) {
-                Some(&k) => k,
-                // No ids awaiting PUBREL: nothing to recognise a resend by, and the client may
-                // since have discarded the session with a clean-session connect. Recreating it
-                // would answer its next connect with a session present that holds nothing.
-                None if ids.is_empty() => continue,
-                None => {
-                    let state = SessionState::new(
-                        client.to_string(),
-                        false,
-                        self.config.max_inflight,
-                        self.config.max_queued,
-                    );
-                    self.insert_entry(Entry { state, link: None })
-                }
-            };
+            // No ids awaiting PUBREL: nothing to recognise a resend by, and the client may
+            // since have discarded the session with a clean-session connect. Recreating it
+            // would answer its next connect with a session present that holds nothing.
+            if ids.is_empty() && !self.by_client.contains_key(client) {
+                continue;
+            }
+            let session = self.persistent_session(client);
             if let Some(e) = self.entry(session) {
                 e.state.inbound_qos2 = ids.into_iter().collect();
             }
         }
         self.update_client_counts();
+    }
+
+    /// The session of `client`, created (persistent, offline) if there is none.
+    fn persistent_session(&mut self, client: &str) -> SessionKey {
+        if let Some(&k) = self.by_client.get(client) {
+            return k;
+        }
+        let state = SessionState::new(
+            client.to_string(),
+            false,
+            self.config.max_inflight,
+            self.config.max_queued,
+        );
+        self.insert_entry(Entry { state, link: None })
+    }
+
+    /// A persistent session's subscriptions as last committed to the outbox: newer than (or as
+    /// new as) the snapshot's, so they win; a session the snapshot missed is recreated. An empty
+    /// value is a discarded session.
+    fn restore_subscriptions(&mut self, client: &str, value: &[u8]) {
+        let Some(subscriptions) = decode_subscriptions(value) else {
+            return;
+        };
+        let session = self.persistent_session(client);
+        let Some(e) = self
+            .entries
+            .get_mut(session as usize)
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let old = std::mem::replace(&mut e.state.subscriptions, subscriptions.clone());
+        for filter in old.keys() {
+            self.trie.remove(filter, session);
+        }
+        for (filter, qos) in subscriptions {
+            self.trie.insert(&filter, session, qos);
+        }
     }
 
     /// Runs until a `Shutdown` command or until every sender is gone.
@@ -399,7 +432,7 @@ impl Router {
                 let had_none = self.config.forward.is_none();
                 self.config.forward = forward;
                 if had_none {
-                    self.restore_qos2_from_outbox();
+                    self.restore_sessions_from_outbox();
                 }
             }
             Command::SubscribeInternal { filter, tx } => {
@@ -443,6 +476,7 @@ impl Router {
         self.free.push(key);
         if !entry.state.clean {
             self.dirty = true;
+            self.forget_durable_session(&entry.state.client_id);
         }
     }
 
@@ -612,6 +646,46 @@ impl Router {
                 }
             }
         }))
+    }
+
+    /// With an outbox, a persistent session's subscriptions are committed to it before their
+    /// SUBACK or UNSUBACK goes out, so a session recovered after a crash (from the snapshot or,
+    /// if the snapshot missed it, from the outbox) has every subscription it confirmed.
+    fn commit_subscriptions(&self, key: SessionKey, persistent: bool) -> Option<Durability> {
+        if !persistent {
+            return None;
+        }
+        let forward = self.forward_config()?;
+        let state = &self.entries.get(key as usize)?.as_ref()?.state;
+        let (k, v) = subscriptions_state(state);
+        let ticket = forward.outbox.put_state_now(&k, &v);
+        Some(Box::pin(async move {
+            match ticket.await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("the outbox could not store a session's subscriptions: {e}");
+                    false
+                }
+            }
+        }))
+    }
+
+    /// A persistent session discarded (clean-session connect): its outbox states say so, or it
+    /// would come back after a restart the snapshot had not caught up with.
+    fn forget_durable_session(&self, client: &str) {
+        let Some(forward) = self.forward_config() else {
+            return;
+        };
+        for key in [
+            format!("{SUBS_STATE_PREFIX}{client}"),
+            format!("{QOS2_STATE_PREFIX}{client}"),
+        ] {
+            if forward.outbox.state(&key).is_some_and(|v| !v.is_empty()) {
+                // Not awaited (dropping the ticket does not withdraw the write): until it
+                // commits, the snapshot (marked dirty) says the same.
+                drop(forward.outbox.put_state(&key, &[]));
+            }
+        }
     }
 
     fn forward_config(&self) -> Option<Arc<crate::uplink::Forward>> {
@@ -814,13 +888,12 @@ impl Router {
                     }
                     granted.push((filter, qos));
                 }
-                self.send_packet(
-                    key,
-                    &Packet::SubAck(SubAck {
-                        pkid: s.pkid,
-                        codes,
-                    }),
-                );
+                let wait = self.commit_subscriptions(key, persistent);
+                let ack = Send::SubAck(SubAck {
+                    pkid: s.pkid,
+                    codes,
+                });
+                self.queue_ack(key, ack, wait, &mut sends);
                 // Retained messages follow the SUBACK [MQTT-3.3.1-6], with RETAIN=1 [MQTT-3.3.1-8].
                 for (filter, sub_qos) in granted {
                     let hits: Vec<Retained> = self
@@ -844,7 +917,8 @@ impl Router {
                         e.state.subscriptions.remove(filter);
                     }
                 }
-                self.send_packet(key, &Packet::UnsubAck(u.pkid));
+                let wait = self.commit_subscriptions(key, persistent);
+                self.queue_ack(key, Send::UnsubAck(u.pkid), wait, &mut sends);
                 if persistent {
                     self.urgent = true;
                 }
@@ -977,11 +1051,6 @@ impl Router {
         }
     }
 
-    fn send_packet(&mut self, key: SessionKey, packet: &Packet) {
-        let bytes = frame(packet);
-        self.send_to(key, Outgoing::Frame(bytes));
-    }
-
     /// Encodes and queues what a session produced.
     fn flush_sends(&mut self, key: SessionKey, sends: &mut Vec<Send>) {
         for s in sends.drain(..) {
@@ -1025,6 +1094,8 @@ impl Router {
                 Send::PubRec(id) => Outgoing::Frame(frame(&Packet::PubRec(id))),
                 Send::PubRel(id) => Outgoing::Frame(frame(&Packet::PubRel(id))),
                 Send::PubComp(id) => Outgoing::Frame(frame(&Packet::PubComp(id))),
+                Send::SubAck(ack) => Outgoing::Frame(frame(&Packet::SubAck(ack))),
+                Send::UnsubAck(id) => Outgoing::Frame(frame(&Packet::UnsubAck(id))),
             };
             self.send_to(key, out);
         }
@@ -1157,6 +1228,42 @@ fn publish_head(msg: &Message, qos: QoS, pkid: u16, dup: bool, retain: bool) -> 
 
 /// Outbox state keys of inbound QoS 2 packet ids start with this, then the client id.
 pub const QOS2_STATE_PREFIX: &str = "qos2/";
+
+/// Outbox state keys of a persistent session's subscriptions: this, then the client id.
+pub const SUBS_STATE_PREFIX: &str = "subs/";
+
+/// The outbox state key and value holding a persistent session's subscriptions: a version
+/// byte (1), then per subscription the filter's length (u16 LE), the filter and the QoS.
+pub fn subscriptions_state(state: &SessionState) -> (String, Vec<u8>) {
+    let mut subs: Vec<(&String, &QoS)> = state.subscriptions.iter().collect();
+    subs.sort();
+    let mut value = vec![1u8];
+    for (filter, qos) in subs {
+        let len = u16::try_from(filter.len()).unwrap_or(u16::MAX);
+        value.extend_from_slice(&len.to_le_bytes());
+        value.extend_from_slice(&filter.as_bytes()[..usize::from(len)]);
+        value.push(qos.as_u8());
+    }
+    (format!("{SUBS_STATE_PREFIX}{}", state.client_id), value)
+}
+
+/// The subscriptions a `subs/<client>` value holds; `None` for a discarded session (empty) or
+/// a value this version cannot read.
+pub fn decode_subscriptions(value: &[u8]) -> Option<HashMap<String, QoS>> {
+    let (&version, mut rest) = value.split_first()?;
+    if version != 1 {
+        return None;
+    }
+    let mut subs = HashMap::new();
+    while !rest.is_empty() {
+        let len = usize::from(u16::from_le_bytes([*rest.first()?, *rest.get(1)?]));
+        let filter = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
+        let qos = QoS::from_u8(*rest.get(2 + len)?)?;
+        subs.insert(filter.to_string(), qos);
+        rest = &rest[3 + len..];
+    }
+    Some(subs)
+}
 
 /// The outbox state key and value holding a persistent session's inbound QoS 2 packet ids.
 pub fn qos2_state(state: &SessionState) -> (String, Vec<u8>) {

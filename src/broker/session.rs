@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::codec::{LastWill, QoS};
+use super::codec::{LastWill, QoS, SubAck};
 
 /// An application message as the broker routes it; shared by every queue it sits in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,9 @@ pub enum Send {
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
+    /// Held until the subscriptions it confirms are durable (persistent sessions).
+    SubAck(SubAck),
+    UnsubAck(u16),
 }
 
 /// Where an outgoing QoS 1/2 message stands in its handshake.

@@ -677,6 +677,8 @@ pub(crate) struct Shared {
     ops: Vec<Op>,
     first_op_at: Option<Instant>,
     first_urgent_at: Option<Instant>,
+    /// Something queued asked to be committed without the group-commit delay.
+    prompt: bool,
     queued_record_bytes: usize,
     closing: bool,
     crashed: bool,
@@ -723,6 +725,7 @@ impl Shared {
     fn take_ops(&mut self) -> Vec<Op> {
         self.first_op_at = None;
         self.first_urgent_at = None;
+        self.prompt = false;
         self.queued_record_bytes = 0;
         std::mem::take(&mut self.ops)
     }
@@ -1033,6 +1036,7 @@ impl Outbox {
             ops: Vec::new(),
             first_op_at: None,
             first_urgent_at: None,
+            prompt: false,
             queued_record_bytes: 0,
             closing: false,
             crashed: false,
@@ -1168,6 +1172,16 @@ impl Outbox {
             value: Bytes::copy_from_slice(value),
             done,
         })
+    }
+
+    /// Like [`put_state`](Self::put_state), but committed at once (with whatever is queued)
+    /// rather than after the group-commit delay: for rare changes a client waits on, such as a
+    /// persistent session's SUBSCRIBE.
+    pub fn put_state_now(&self, key: &str, value: &[u8]) -> Ticket<(), OutboxError> {
+        let ticket = self.put_state(key, value);
+        self.inner.lock().prompt = true;
+        self.inner.wake.notify_one();
+        ticket
     }
 
     /// The latest committed value of a state key.

@@ -934,3 +934,28 @@ fn the_block_queue_bound_is_a_quarter_of_the_quota_up_to_4_mib() {
     let (outbox, _) = open(dir.path(), config);
     assert_eq!(outbox.block_queue_bytes(), 16 * 1024);
 }
+
+/// `put_state_now` does not wait out the group-commit delay (here an hour); `put_state` does.
+#[tokio::test]
+async fn put_state_now_commits_without_the_group_commit_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = OutboxConfig {
+        commit_delay: Duration::from_secs(3600),
+        ack_commit_delay: Duration::from_secs(3600),
+        ..OutboxConfig::default()
+    };
+    let (outbox, _) = open(dir.path(), config);
+    let mut waiting = std::pin::pin!(outbox.put_state("later", b"1"));
+    assert!(
+        poll_once(&mut waiting).is_pending(),
+        "put_state committed at once"
+    );
+    completes("put_state_now", outbox.put_state_now("now", b"2"))
+        .await
+        .expect("committed");
+    assert_eq!(outbox.state("now").as_deref(), Some(&b"2"[..]));
+    // Queued before it, so committed with it.
+    completes("the earlier put_state", waiting)
+        .await
+        .expect("committed");
+}

@@ -118,6 +118,7 @@ impl Writer {
             let any_due = s.first_op_at.map(|t| t + config.ack_commit_delay);
             let due = [urgent_due, any_due].into_iter().flatten().min();
             if s.closing
+                || s.prompt
                 || s.queued_record_bytes >= config.commit_bytes
                 || due.is_some_and(|d| d <= now)
             {

@@ -167,6 +167,15 @@ fn main() -> ExitCode {
                     c.broker.listeners.len(),
                     c.data_dir.display()
                 );
+                // Not errors: the gateway starts without them and reads them again on every
+                // connection attempt. But a check is where a typo should show up first.
+                if let Some(up) = &c.upstream
+                    && let Err(e) = sensorgate::uplink::credentials(up)
+                {
+                    eprintln!(
+                        "warning: {e}; the gateway runs, but the uplink will not connect until this is fixed"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

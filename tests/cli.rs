@@ -24,6 +24,34 @@ fn check_config_accepts_a_valid_file() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
 }
 
+/// A missing password file does not stop the gateway (it is read on every connection
+/// attempt), so `check-config` accepts the file, and warns.
+#[test]
+fn check_config_warns_about_an_unreadable_upstream_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    let missing = dir.path().join("missing.pw");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\nurl = \"mqtt://broker.example.com\"\nusername = \"gw\"\npassword-file = {:?}\n",
+            missing.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = sensorgate()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("missing.pw"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_config_rejects_a_bad_file_with_ex_config_and_a_located_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -176,7 +176,7 @@ impl Gateway {
                         self.outbox = Some(open_outbox(&new)?);
                     }
                     let outbox = self.outbox.clone().ok_or(Error::Stopped)?;
-                    let (forward, prepared) = prepare_uplink(up, &new, outbox)?;
+                    let (forward, prepared) = prepare_uplink(up, &new, outbox);
                     let mut uplink = prepared.spawn(self.broker.handle());
                     uplink.reporter = Some(report_uplink(
                         &self.device,
@@ -317,7 +317,7 @@ fn prepare_uplink(
     up: &config::UpstreamConfig,
     config: &ValidConfig,
     outbox: outbox::Outbox,
-) -> Result<(Arc<uplink::Forward>, PreparedUplink), Error> {
+) -> (Arc<uplink::Forward>, PreparedUplink) {
     let outbox_next_id = outbox.stats().next_id;
     let stats = Arc::new(uplink::UplinkStats::default());
     let (live_tx, live_rx) = tokio::sync::mpsc::channel(uplink::LIVE_QUEUE);
@@ -340,7 +340,7 @@ fn prepare_uplink(
         // Records already in the outbox may have been sent before the restart.
         resumed_below: outbox_next_id,
     };
-    Ok((forward, PreparedUplink { task, stats }))
+    (forward, PreparedUplink { task, stats })
 }
 
 /// Starts every stage; returns once listeners are bound.
@@ -358,7 +358,7 @@ pub async fn start(config: ValidConfig) -> Result<Gateway, Error> {
     // The router forwards from its first message: it starts with the rules, and the listeners
     // accept only once it has them (invariant 1 holds from the first connection).
     let prepared = match (&config.upstream, &outbox) {
-        (Some(up), Some(ob)) => Some(prepare_uplink(up, &config, ob.clone())?),
+        (Some(up), Some(ob)) => Some(prepare_uplink(up, &config, ob.clone())),
         _ => None,
     };
     let forward = prepared.as_ref().map(|(f, _)| f.clone());

@@ -636,16 +636,10 @@ impl Router {
     /// an outbox (nothing is forwarded, so there is nothing to keep consistent with).
     fn commit_state(&self, (key, value): (String, Vec<u8>)) -> Option<Durability> {
         let forward = self.forward_config()?;
-        let ticket = forward.outbox.put_state(&key, &value);
-        Some(Box::pin(async move {
-            match ticket.await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!("the outbox could not store dedupe state: {e}");
-                    false
-                }
-            }
-        }))
+        Some(logged(
+            forward.outbox.put_state(&key, &value),
+            "dedupe state",
+        ))
     }
 
     /// With an outbox, a persistent session's subscriptions are committed to it before their
@@ -658,16 +652,10 @@ impl Router {
         let forward = self.forward_config()?;
         let state = &self.entries.get(key as usize)?.as_ref()?.state;
         let (k, v) = subscriptions_state(state);
-        let ticket = forward.outbox.put_state_now(&k, &v);
-        Some(Box::pin(async move {
-            match ticket.await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!("the outbox could not store a session's subscriptions: {e}");
-                    false
-                }
-            }
-        }))
+        Some(logged(
+            forward.outbox.put_state_now(&k, &v),
+            "a session's subscriptions",
+        ))
     }
 
     /// A persistent session discarded (clean-session connect): its outbox states say so, or it
@@ -1224,6 +1212,22 @@ fn publish_head(msg: &Message, qos: QoS, pkid: u16, dup: bool, retain: bool) -> 
     let mut buf = BytesMut::with_capacity(msg.topic.len() + 8);
     codec::encode_publish_head(&p, &mut buf);
     buf.freeze()
+}
+
+/// A state commit as a [`Durability`]: `false`, with the reason logged, if it failed.
+fn logged(
+    ticket: crate::outbox::Ticket<(), crate::outbox::OutboxError>,
+    what: &'static str,
+) -> Durability {
+    Box::pin(async move {
+        match ticket.await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("the outbox could not store {what}: {e}");
+                false
+            }
+        }
+    })
 }
 
 /// Outbox state keys of inbound QoS 2 packet ids start with this, then the client id.

@@ -233,13 +233,10 @@ impl Uplink {
             }
         }
 
-        // Keep-alive 0 turns pings off (MQTT-3.1.2.10); the interval then never fires.
+        // Keep-alive 0 turns pings off (MQTT-3.1.2.10): the ping branch is disabled; the
+        // interval only must not be zero.
         let keep_alive = self.config.keep_alive;
-        let ping_every = if keep_alive.is_zero() {
-            Duration::from_secs(u64::from(u32::MAX))
-        } else {
-            keep_alive
-        };
+        let ping_every = keep_alive.max(Duration::from_secs(1));
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut last_heard = Instant::now();
@@ -443,7 +440,7 @@ impl Uplink {
                     }
                 }
                 _ = nudge.tick(), if conn.waits_for_a_run() => nudged = true,
-                _ = ping.tick() => {
+                _ = ping.tick(), if !keep_alive.is_zero() => {
                     if last_heard.elapsed() > keep_alive * 3 / 2 + keep_alive {
                         return Ended::Lost("no answer to keep-alive pings".into());
                     }
